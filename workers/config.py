@@ -1,0 +1,88 @@
+"""Engine configuration: one frozen record per component, composed into EngineConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("both", "prefill", "decode")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # KV cache budget: explicit bytes win; otherwise a fraction of device memory on CUDA
+    # (gpu_memory_utilization, as vLLM) and cpu_kv_cache_fraction of available RAM on CPU.
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_fraction: float = 0.25
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"block_size: must be a power of two in [1, 128], got {self.block_size}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes: must be > 0, got {self.kv_cache_memory_bytes}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 < self.cpu_kv_cache_fraction <= 1:
+            raise ValueError(f"cpu_kv_cache_fraction: must be in (0, 1], got {self.cpu_kv_cache_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Tokens computed per step across all sequences (decodes count 1 each; prefill chunks fill the rest).
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+    role: str = "both"
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy: must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":
+        """Flat vLLM-style options (block_size=..., max_num_seqs=..., role=...) into the nested config."""
+        cache_keys = CacheConfig.__dataclass_fields__.keys()
+        sched_keys = {"max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "scheduling_policy", "role"}
+        cache = {k: kwargs.pop(k) for k in list(kwargs) if k in cache_keys}
+        sched = {k: kwargs.pop(k) for k in list(kwargs) if k in sched_keys}
+        if "scheduling_policy" in sched:
+            sched["policy"] = sched.pop("scheduling_policy")
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            allowed = sorted(set(cls.__dataclass_fields__) - {"cache", "scheduler"} | set(cache_keys) | sched_keys)
+            raise ValueError(f"{sorted(unknown)[0]}: unknown engine option; allowed: {', '.join(allowed)}")
+        return cls(model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs)

@@ -1,0 +1,268 @@
+"""LLMEngine: one synchronous step loop, schedule -> execute -> sample -> update.
+
+It imports no service framework: servers and the offline LLM wrap it. Roles: "both" serves requests start to
+finish; "prefill" stops each request after its first token and holds its KV for export; "decode" takes
+imported KV and continues.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from workers.config import EngineConfig
+from workers.detokenizer import IncrementalDetokenizer
+from workers.executor import Executor, MultiprocTPExecutor
+from workers.kv.handoff import KVPayload
+from workers.kv.kv_cache_manager import KVCacheManager
+from workers.model.loader import load_model_config, resolve_model
+from workers.model_runner import build_model_input
+from workers.outputs import TokenEvent
+from workers.request import Request, RequestStatus
+from workers.sampler import Sampler, SamplingBatch
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler, SchedulerOutput
+from workers.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_handoff_pending: int
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    kv_cache_usage: float  # 0..1, blocks held by requests
+    kv_cache_bytes: int
+    prefix_cache_queries: int  # tokens
+    prefix_cache_hits: int  # tokens
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.source = resolve_model(config.model, config.load_format)
+        self.model_config = load_model_config(self.source)
+        self.model_name = self.source.name
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len: must be <= the model's max_position_embeddings={limit}, got {config.max_model_len}")
+        self.max_model_len = config.max_model_len or limit
+        self.tokenizer = load_tokenizer(self.source)
+        executor_cls = MultiprocTPExecutor if config.tensor_parallel_size > 1 else Executor
+        self.executor = executor_cls(config, self.model_config, self.source, self.max_model_len)
+        runner = self.executor.runner
+        self.dtype = runner.dtype
+        self.device = runner.device
+        self.num_blocks = runner.num_blocks
+        self.kv_bytes_per_block = runner.kv_bytes_per_block
+        self.block_size = config.cache.block_size
+        self.kv = KVCacheManager(
+            self.num_blocks, self.block_size, config.cache.enable_prefix_caching, hash_extra=self.model_name.encode()
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.sampler = Sampler()
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    @property
+    def role(self) -> str:
+        return self.config.scheduler.role
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer (load_format='dummy'); pass token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise ValueError(f"prompt: token ids must be ints in [0, {self.model_config.vocab_size})")
+        return list(prompt)
+
+    def _make_request(self, req_id: str | None, prompt_ids: list[int], params: SamplingParams, priority: int,
+                      output_ids: list[int] = ()) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+        if not prompt_ids:
+            raise ValueError("prompt: must not be empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(prompt_ids)} tokens leave no room to generate within max_model_len={self.max_model_len}; "
+                f"the prompt must be at most {self.max_model_len - 1} tokens"
+            )
+        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = self.model_config.eos_token_ids
+        return Request(req_id, list(prompt_ids), params, max_tokens, eos, priority, output_token_ids=list(output_ids))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, req_id: str | None = None,
+                    priority: int = 0) -> str:
+        """Validate and queue a request; bad input raises ValueError and leaves the engine untouched."""
+        req = self._make_request(req_id, self.tokenize(prompt), params, priority)
+        self.scheduler.add_request(req)
+        self._start_detokenizer(req)
+        return req.req_id
+
+    def _start_detokenizer(self, req: Request) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+        if req.output_token_ids:
+            detok.update(list(req.output_token_ids))
+            detok.get_next_text_delta()  # already streamed by whoever produced these tokens
+        self.detokenizers[req.req_id] = detok
+
+    def abort_request(self, req_id: str) -> TokenEvent | None:
+        """Abort a waiting, running or handed-off request and free its blocks; unknown ids are ignored."""
+        req = self.scheduler.requests.get(req_id)
+        if req is None:
+            return None
+        if req.status == RequestStatus.PREFILLED:
+            self.scheduler.release_handoff(req_id)
+        else:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        req.status = RequestStatus.FINISHED_ABORTED
+        self.detokenizers.pop(req_id, None)
+        return TokenEvent(req_id, [], "", None, "abort", None, req.num_prompt_tokens, max(req.num_cached_tokens, 0))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        inp = build_model_input(out, self.kv.block_ids)
+        logits = self.executor.execute(inp)
+        sampled, logprobs = self._sample(out, logits)
+        stopped = self.scheduler.update_from_output(out, sampled)
+        return self._make_events(out, sampled, logprobs, stopped)
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor | None):
+        if logits is None:
+            return {}, {}
+        reqs = [s.request for s in out.seqs if s.samples]
+        batch = SamplingBatch.build(
+            [r.params for r in reqs], [r.prompt_token_ids for r in reqs], [r.output_token_ids for r in reqs],
+            self.model_config.eos_token_ids, logits.device,
+        )
+        result = self.sampler(logits, batch)
+        token_ids = result.token_ids.tolist() if torch.is_tensor(result.token_ids) else list(result.token_ids)
+        sampled = {r.req_id: t for r, t in zip(reqs, token_ids)}
+        logprobs = {}
+        for row, r in enumerate(reqs):
+            n = r.params.logprobs
+            if n is None:
+                continue
+            entry = {token_ids[row]: float(result.logprobs[row])}
+            if n > 0:
+                ids = result.top_logprob_ids[row, :n].tolist()
+                vals = result.top_logprobs[row, :n].tolist()
+                entry.update({i: v for i, v in zip(ids, vals) if i not in entry})
+            logprobs[r.req_id] = [entry]
+        return sampled, logprobs
+
+    def _make_events(self, out: SchedulerOutput, sampled, logprobs, stopped) -> list[TokenEvent]:
+        events = []
+        for seq in out.seqs:
+            req = seq.request
+            if req.req_id not in sampled:
+                continue
+            detok = self.detokenizers[req.req_id]
+            stop_str = detok.update([sampled[req.req_id]])
+            if stop_str is not None and not req.status.is_finished:
+                req.stop_reason = stop_str
+                if req.status == RequestStatus.PREFILLED:
+                    self.scheduler.release_handoff(req.req_id)
+                else:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                req.status = RequestStatus.FINISHED_STOPPED
+            if req.status.is_finished or req.status == RequestStatus.PREFILLED:
+                self.detokenizers.pop(req.req_id, None)
+            events.append(TokenEvent(
+                req.req_id, [sampled[req.req_id]], detok.get_next_text_delta(), logprobs.get(req.req_id),
+                req.status.finish_reason, req.stop_reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+            ))
+        return events
+
+    # --- KV hand-off -----------------------------------------------------------------------------------
+
+    def export_kv(self, req_id: str) -> list[KVPayload]:
+        """The prompt KV of a request held after prefill, one payload per TP rank. Blocks stay held until
+        release_kv (the decode side confirmed) or abort_request."""
+        req = self.scheduler.requests.get(req_id)
+        if req is None or req.status != RequestStatus.PREFILLED:
+            raise KeyError(f"request_id: {req_id!r} holds no KV for hand-off")
+        num_blocks = -(-req.num_computed_tokens // self.block_size)
+        block_ids = self.kv.block_ids(req_id)[:num_blocks]
+        shards = self.executor.export_blocks(block_ids)
+        return [
+            KVPayload(req_id, self.model_name, self.block_size, str(self.dtype).removeprefix("torch."), rank,
+                      len(shards), list(req.prompt_token_ids), list(req.output_token_ids), req.num_computed_tokens,
+                      max(req.num_cached_tokens, 0), kv)
+            for rank, kv in enumerate(shards)
+        ]
+
+    def release_kv(self, req_id: str) -> None:
+        self.scheduler.release_handoff(req_id)
+
+    def import_kv(self, payloads: list[KVPayload] | KVPayload, params: SamplingParams, req_id: str | None = None,
+                  priority: int = 0) -> str:
+        """Adopt a prefilled request: copy its KV (skipping blocks this engine already caches) and keep
+        decoding from its first token."""
+        payloads = [payloads] if isinstance(payloads, KVPayload) else list(payloads)
+        if len(payloads) != self.executor.tp_size:
+            raise ValueError(f"tp_size: got {len(payloads)} KV payload shards, this engine has tensor_parallel_size="
+                             f"{self.executor.tp_size}; prefill and decode must use the same TP size")
+        c = self.model_config
+        for rank, p in enumerate(payloads):
+            p.check_compatible(model=self.model_name, block_size=self.block_size,
+                               dtype=str(self.dtype).removeprefix("torch."), tp_rank=rank, tp_size=self.executor.tp_size,
+                               num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads // self.executor.tp_size,
+                               head_dim=c.head_dim)
+        first = payloads[0]
+        req = self._make_request(req_id or first.request_id, first.prompt_token_ids, params, priority,
+                                 first.output_token_ids)
+        hits = self.kv.get_computed_blocks(req)[: first.kv.shape[2]]
+        num_new = first.num_computed_tokens - len(hits) * self.block_size
+        req.num_computed_tokens = 0
+        if not self.kv.allocate_slots(req, num_new, hits):
+            raise RuntimeError(f"import_kv: no free KV blocks for {first.num_computed_tokens} tokens")
+        block_ids = self.kv.block_ids(req.req_id)
+        fresh = list(range(len(hits), first.kv.shape[2]))
+        if fresh:
+            self.executor.import_blocks([block_ids[i] for i in fresh], [p.kv[:, :, fresh[0]:] for p in payloads])
+        req.num_computed_tokens = first.num_computed_tokens
+        req.num_cached_tokens = first.num_cached_tokens
+        self.kv.cache_blocks(req)
+        self.scheduler.add_running(req)
+        self._start_detokenizer(req)
+        return req.req_id
+
+    # --- state -----------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_handoff_pending=sum(r.status == RequestStatus.PREFILLED for r in self.scheduler.requests.values()),
+            num_blocks=self.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            block_size=self.block_size,
+            kv_cache_usage=self.kv.usage,
+            kv_cache_bytes=self.num_blocks * self.kv_bytes_per_block,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
