@@ -188,7 +188,8 @@ class LLMEngine:
             if req.status.is_finished or req.status == RequestStatus.PREFILLED:
                 self.detokenizers.pop(req.req_id, None)
             events.append(TokenEvent(
-                req.req_id, [sampled[req.req_id]], detok.get_next_text_delta(), logprobs.get(req.req_id),
+                req.req_id, [sampled[req.req_id]], detok.get_next_text_delta(finished=req.status.is_finished),
+                logprobs.get(req.req_id),
                 req.status.finish_reason, req.stop_reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
             ))
         return events
