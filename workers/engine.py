@@ -20,6 +20,7 @@ from workers.kv.kv_cache_manager import KVCacheManager
 from workers.model.loader import load_model_config, resolve_model
 from workers.model_runner import build_model_input
 from workers.outputs import TokenEvent
+from workers.parallel import shard_range
 from workers.request import Request, RequestStatus
 from workers.sampler import Sampler, SamplingBatch
 from workers.sampling_params import SamplingParams
@@ -54,6 +55,8 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len: must be <= the model's max_position_embeddings={limit}, got {config.max_model_len}")
         self.max_model_len = config.max_model_len or limit
+        for what in ("num_attention_heads", "num_key_value_heads"):
+            shard_range(getattr(self.model_config, what), 0, config.tensor_parallel_size, what)
         self.tokenizer = load_tokenizer(self.source)
         executor_cls = MultiprocTPExecutor if config.tensor_parallel_size > 1 else Executor
         self.executor = executor_cls(config, self.model_config, self.source, self.max_model_len)

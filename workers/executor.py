@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import socket
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -111,6 +114,7 @@ def _free_port() -> int:
 
 def _worker_main(config, model_config, source, max_model_len, rank, size, init_method) -> None:
     """Rank > 0: build this rank's shard, then run whatever rank 0 broadcasts until told to stop."""
+    _exit_with_parent()
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
     tp = init_tp_group(rank, size, init_method, _device(config))
     runner = build_runner(config, model_config, source, tp, max_model_len)
@@ -126,3 +130,15 @@ def _worker_main(config, model_config, source, max_model_len, rank, size, init_m
         elif op == "shutdown":
             break
     dist.destroy_process_group()
+
+
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A rank blocked in a collective would wait for a dead driver forever: leave as soon as it is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tandem-parent-watch", daemon=True).start()
