@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from workers.config import EngineConfig
+from workers.cpu_tuning import tune_glibc_malloc
 from workers.model.attention import SeqSpan, TorchSDPABackend
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
@@ -79,6 +80,8 @@ class ModelRunner:
             torch.cuda.set_device(tp.rank)
             self.device = torch.device("cuda", tp.rank)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            tune_glibc_malloc()
         self.block_size = config.cache.block_size
         self.backend = TorchSDPABackend()
 
@@ -128,8 +131,10 @@ class ModelRunner:
             c.num_hidden_layers, 2, self.num_blocks * self.block_size, self.model.num_kv_heads, c.head_dim,
             dtype=self.dtype, device=self.device,
         )
-        # Padded attention rows read slot 0 (masked); keep it finite before any request writes it.
-        self.kv_cache[:, :, : self.block_size].zero_()
+        # Attention reads whole blocks, masking slots past each sequence's end; those must be finite, so blocks
+        # are zeroed before their first use. The pool hands out never-used blocks in id order, so one
+        # high-water mark tracks them and the cache stays lazily backed until used.
+        self._num_zeroed_blocks = 0
         self.layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(c.num_hidden_layers)]
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s, rank %d/%d",
@@ -137,9 +142,18 @@ class ModelRunner:
             self.num_blocks * self.kv_bytes_per_block / 1024**3, self.device, self.tp.rank, self.tp.size,
         )
 
+    def _zero_blocks_through(self, block_id: int) -> None:
+        if block_id < self._num_zeroed_blocks:
+            return
+        end = min(self.num_blocks, max(block_id + 1, self._num_zeroed_blocks + 64))
+        bs = self.block_size
+        self.kv_cache[:, :, self._num_zeroed_blocks * bs : end * bs].zero_()
+        self._num_zeroed_blocks = end
+
     @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor | None:
         """One forward pass over the step's tokens; returns float32 logits [num_sampled, vocab] or None."""
+        self._zero_blocks_through(max(max(s.block_ids) for s in inp.spans))
         meta = self.backend.build_metadata(inp.spans, self.block_size, self.device)
         input_ids = inp.input_ids.to(self.device, non_blocking=True)
         positions = inp.positions.to(self.device, non_blocking=True)
@@ -164,5 +178,6 @@ class ModelRunner:
 
     @torch.inference_mode()
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self._zero_blocks_through(max(block_ids))
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self._block_view().index_copy_(2, idx, data.to(self.device, self.dtype))

@@ -82,3 +82,12 @@ def test_shared_prefix_blocks_are_refcounted():
     assert all(blk.ref_cnt == 1 for blk in hits), "b still holds the shared blocks"
     kv.free(b)
     assert kv.num_free_blocks == 8
+
+
+def test_decode_buckets_cut_where_lengths_jump():
+    from workers.model.attention import split_by_length
+
+    assert split_by_length([10] * 5 + [500] * 5) == [5, 10]
+    assert split_by_length([5, 6, 7]) == [3], "tiny savings are not worth another call"
+    ends = split_by_length(sorted([100, 300, 500, 700] * 16), max_groups=4)
+    assert ends == [16, 32, 48, 64]
