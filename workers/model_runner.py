@@ -94,6 +94,8 @@ class ModelRunner:
             model.load_weights(iter_weights(source, model_config))
         self.model = model.to(self.dtype).eval()
         self.model.requires_grad_(False)
+        if self.device.type == "cpu":
+            self.model.lm_head.keep_transposed_copy()
         self.num_blocks = 0  # set by allocate_kv_cache once all ranks agree on a count
 
 

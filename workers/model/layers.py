@@ -110,8 +110,16 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection: each rank scores its vocab shard, then shards are gathered."""
 
+    weight_t: torch.Tensor | None = None
+
+    def keep_transposed_copy(self) -> None:
+        """On CPU, x @ W^T streams a [hidden, vocab] copy about 1.8x faster than F.linear streams W at batch 1
+        (the head is the largest matrix a decode step reads); costs one more copy of the head's weights."""
+        self.weight_t = self.weight.detach().t().contiguous()
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        local = hidden @ self.weight_t if self.weight_t is not None else F.linear(hidden, self.weight)
+        logits = self.tp.all_gather_last_dim(local)
         return logits[..., : self.vocab_size]
 
 
