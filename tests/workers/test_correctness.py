@@ -6,6 +6,8 @@ from tests.workers.prompts import prompt_token_ids
 from workers import LLM, SamplingParams
 from workers.model_runner import build_model_input
 
+pytestmark = pytest.mark.slow
+
 NUM_TOKENS = 64
 # min_tokens bans EOS exactly as HF's min_new_tokens does, so both produce all 64 tokens.
 GREEDY_64 = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS)

@@ -201,3 +201,12 @@ def test_abort_frees_blocks_and_reports_abort(llm):
     assert engine.scheduler.requests.get(req) is None
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
     assert RequestStatus.FINISHED_ABORTED.finish_reason == "abort"
+
+
+def test_dummy_weights_take_token_ids_only(tiny_checkpoint):
+    with LLM(str(tiny_checkpoint("qwen2")), load_format="dummy") as llm:
+        assert llm.tokenizer is None
+        (out,) = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        assert len(out.token_ids) == 8 and out.text == ""
+        with pytest.raises(ValueError, match="^prompt:.*token ids"):
+            llm.generate(["text needs a tokenizer"], GREEDY)
