@@ -66,6 +66,17 @@ class LLMEngine:
         self.num_blocks = runner.num_blocks
         self.kv_bytes_per_block = runner.kv_bytes_per_block
         self.block_size = config.cache.block_size
+        capacity = self.num_blocks * self.block_size
+        if self.max_model_len > capacity:
+            # A request must fit in the cache on its own, or the scheduler could never run it.
+            if config.max_model_len is not None:
+                self.executor.shutdown()
+                raise ValueError(
+                    f"max_model_len: {config.max_model_len} tokens exceed the KV cache capacity of {capacity} tokens; "
+                    "raise kv_cache_memory_bytes (or gpu_memory_utilization) or lower max_model_len"
+                )
+            log.warning("max_model_len lowered from %d to the KV cache capacity, %d tokens", self.max_model_len, capacity)
+            self.max_model_len = capacity
         self.kv = KVCacheManager(
             self.num_blocks, self.block_size, config.cache.enable_prefix_caching, hash_extra=self.model_name.encode()
         )

@@ -71,10 +71,16 @@ class LLM:
 
     def _run(self, results: dict[str, RequestOutput], order: list[str]) -> list[RequestOutput]:
         pending = set(order)
+        scheduler = self.engine.scheduler
         while pending:
             events = self.engine.step()
             if not events and not self.engine.has_unfinished_requests():
                 break
+            if not events and scheduler.num_running == 0 and scheduler.num_waiting > 0:
+                # Nothing runs and nothing can be admitted: only KV blocks held for hand-off can cause this.
+                for req_id in pending:
+                    self.engine.abort_request(req_id)
+                raise RuntimeError("KV cache is full of blocks held for hand-off; release them with release_kv()")
             for ev in events:
                 if ev.req_id in results:
                     results[ev.req_id].add(ev)

@@ -210,3 +210,27 @@ def test_dummy_weights_take_token_ids_only(tiny_checkpoint):
         assert len(out.token_ids) == 8 and out.text == ""
         with pytest.raises(ValueError, match="^prompt:.*token ids"):
             llm.generate(["text needs a tokenizer"], GREEDY)
+
+
+def test_max_model_len_is_bounded_by_kv_capacity(llm):
+    block_bytes = llm.engine.kv_bytes_per_block
+    with LLM(kv_cache_memory_bytes=8 * block_bytes) as small:
+        assert small.engine.max_model_len == 8 * 16, "the default is lowered so one request always fits"
+        with pytest.raises(ValueError, match="^prompt:"):
+            small.generate([prefix_tokens(200)], GREEDY)
+        (out,) = small.generate([prefix_tokens(100)], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+        assert out.finish_reason == "length" and len(out.token_ids) == 28
+    with pytest.raises(ValueError, match="^max_model_len:.*KV cache capacity"):
+        LLM(kv_cache_memory_bytes=8 * block_bytes, max_model_len=1024)
+
+
+def test_blocks_held_for_handoff_never_hang_generate(llm):
+    block_bytes = llm.engine.kv_bytes_per_block
+    with LLM(kv_cache_memory_bytes=12 * block_bytes, role="prefill") as prefill:
+        # Each prompt needs 7 of the 12 blocks: the first is held for hand-off, the second can never be admitted.
+        with pytest.raises(RuntimeError, match="release_kv"):
+            prefill.generate([prefix_tokens(100), prefix_tokens(100, start=9000)], GREEDY)
+        stats = prefill.engine.stats()
+        # The failed call aborts its own requests, the held one included: nothing is stranded.
+        assert stats.num_waiting == 0 and stats.num_handoff_pending == 0
+        assert stats.num_free_blocks == stats.num_blocks
