@@ -96,6 +96,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer (load_format='dummy'); pass token ids")
             return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt: must be a string or a list of token ids, got {type(prompt).__name__}")
         if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
             raise ValueError(f"prompt: token ids must be ints in [0, {self.model_config.vocab_size})")
         return list(prompt)

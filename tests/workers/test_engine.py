@@ -132,6 +132,7 @@ def test_chat_applies_the_template(llm):
         ([], SamplingParams(), "prompt"),
         ([5] * 9000, SamplingParams(), "prompt"),
         ([49152], SamplingParams(), "prompt"),
+        ([1.5, 2], SamplingParams(), "prompt"),
     ],
 )
 def test_bad_prompt_is_a_clear_error(llm, prompt, params, field):
@@ -157,6 +158,8 @@ def test_bad_input_does_not_disturb_running_requests(llm):
         engine.add_request([], GREEDY)
     with pytest.raises(ValueError, match="prompt"):
         engine.add_request([1] * 10_000, GREEDY)
+    with pytest.raises(ValueError, match="^prompt: must be a string or a list of token ids"):
+        engine.add_request(42, GREEDY)
     tokens = run_to_end(engine, good)
     assert len(tokens) == GREEDY.max_tokens - 1  # the first came from the step above
     assert not engine.has_unfinished_requests()
