@@ -45,7 +45,7 @@ class ModelInput:
 
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
-    spans: list[SeqSpan]  # decodes first
+    spans: list[SeqSpan]  # in the order of input_ids
     # Rows of the output whose next token is sampled: the last new token of each sequence that completes.
     logits_indices: torch.Tensor  # [num_sampled]
 

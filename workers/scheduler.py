@@ -34,7 +34,8 @@ class ScheduledSeq:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    # Decodes (one new token) first, then prefill chunks: the attention backend relies on this order.
+    # Decodes (one new token) first, then prefill chunks. Attention regroups them itself (decodes bucketed by
+    # length); this order just keeps batches readable and stable.
     seqs: list[ScheduledSeq]
     preempted: list[Request]
 
