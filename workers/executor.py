@@ -18,7 +18,7 @@ import torch.distributed as dist
 from workers.config import EngineConfig
 from workers.model.config import ModelConfig
 from workers.model.loader import ModelSource
-from workers.model_runner import ModelInput, ModelRunner
+from workers.model_runner import ModelInput, ModelRunner, resolve_device
 from workers.parallel import TPGroup, init_tp_group
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class MultiprocTPExecutor(Executor):
         ]
         for p in self.procs:
             p.start()
-        self.tp = init_tp_group(0, size, init_method, _device(config))
+        self.tp = init_tp_group(0, size, init_method, resolve_device(config.device))
         self.runner = build_runner(config, model_config, source, self.tp, max_model_len)
 
     def execute(self, inp: ModelInput) -> torch.Tensor | None:
@@ -100,12 +100,6 @@ class MultiprocTPExecutor(Executor):
         dist.destroy_process_group()
 
 
-def _device(config: EngineConfig) -> torch.device:
-    from workers.model_runner import resolve_device
-
-    return resolve_device(config.device)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,7 +110,7 @@ def _worker_main(config, model_config, source, max_model_len, rank, size, init_m
     """Rank > 0: build this rank's shard, then run whatever rank 0 broadcasts until told to stop."""
     _exit_with_parent()
     torch.set_num_threads(max(1, torch.get_num_threads() // size))
-    tp = init_tp_group(rank, size, init_method, _device(config))
+    tp = init_tp_group(rank, size, init_method, resolve_device(config.device))
     runner = build_runner(config, model_config, source, tp, max_model_len)
     while True:
         cmd = tp.broadcast_object()

@@ -43,6 +43,8 @@ class SDPAMetadata:
     slot_mapping: torch.Tensor
     block_size: int
     groups: list[AttentionGroup]
+    # One sequence makes up the whole step, so its group's rows are the step's tokens in order (no scatter).
+    single_sequence: bool
 
 
 class AttentionBackend(Protocol):
@@ -119,6 +121,7 @@ class TorchSDPABackend:
             slot_mapping=to(slot_mapping),
             block_size=block_size,
             groups=[AttentionGroup(*(to(t) for t in (g.token_index, g.valid, g.block_table, g.mask))) for g in groups],
+            single_sequence=len(spans) == 1,
         )
 
     @staticmethod
@@ -128,7 +131,8 @@ class TorchSDPABackend:
         max_q = int(q_lens.max())
         rows = torch.arange(max_q)[None, :]
         valid = rows < q_lens[:, None]  # [B, Q]
-        token_index = torch.where(valid, torch.tensor(token_starts)[:, None] + rows, torch.tensor(token_starts)[:, None])
+        starts = torch.tensor(token_starts)[:, None]
+        token_index = torch.where(valid, starts + rows, starts)
         num_blocks = [-(-int(n) // block_size) for n in kv_lens]
         table = torch.zeros(len(spans), max(num_blocks), dtype=torch.long)
         for i, s in enumerate(spans):
@@ -142,8 +146,8 @@ class TorchSDPABackend:
     def forward(self, q, k, v, k_cache, v_cache, meta: SDPAMetadata) -> torch.Tensor:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        if len(meta.groups) == 1 and meta.groups[0].valid.all() and meta.groups[0].token_index.shape[1] == q.shape[0]:
-            g = meta.groups[0]  # one sequence filling the step: no scatter needed
+        if meta.single_sequence:
+            g = meta.groups[0]
             return self._attend(q.unsqueeze(0), k_cache, v_cache, g.block_table, g.mask, meta.block_size)[0]
         out = torch.empty_like(q)
         for g in meta.groups:
