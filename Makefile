@@ -18,7 +18,7 @@ PROMPT ?= Write a haiku about GPUs.
 MAX_TOKENS ?= 128
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test bench clean
+.PHONY: help venv .venv run test bench clean proto
 
 help:
 	@echo "make run [PROMPT='...'] [MAX_TOKENS=N]  generate with the default model (SmolLM2-135M-Instruct GGUF)"
@@ -59,3 +59,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 	find . -type d -name __pycache__ -prune -exec rm -rf {} +
+
+# Regenerates the committed stubs in tandem/v1 from proto/ (tests/test_proto.py checks they are current).
+proto: $(STAMP)
+	$(VENV_PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/tandem/v1/*.proto

@@ -59,6 +59,8 @@ class EngineConfig:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     seed: int = 0
+    # False: stop strings and text are someone else's (cluster workers: the router detokenizes).
+    detokenize: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

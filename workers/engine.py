@@ -120,15 +120,24 @@ class LLMEngine:
         return Request(req_id, list(prompt_ids), params, max_tokens, eos, priority, output_token_ids=list(output_ids))
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, req_id: str | None = None,
-                    priority: int = 0) -> str:
-        """Validate and queue a request; bad input raises ValueError and leaves the engine untouched."""
-        req = self._make_request(req_id, self.tokenize(prompt), params, priority)
+                    priority: int = 0, output_token_ids: list[int] = ()) -> str:
+        """Validate and queue a request; bad input raises ValueError and leaves the engine untouched.
+
+        `output_token_ids` resumes a request that generated those tokens elsewhere (migration): they are
+        recomputed with the prompt, count against max_tokens, and keep seeded sampling on the same sequence.
+        """
+        output_token_ids = self.tokenize(list(output_token_ids)) if output_token_ids else []
+        req = self._make_request(req_id, self.tokenize(prompt), params, priority, output_token_ids)
+        if req.num_output_tokens >= req.max_tokens:
+            raise ValueError(f"output_token_ids: {req.num_output_tokens} tokens already reach max_tokens={req.max_tokens}")
         self.scheduler.add_request(req)
         self._start_detokenizer(req)
         return req.req_id
 
     def _start_detokenizer(self, req: Request) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+        # Without detokenize (cluster workers: routers detokenize), only token ids are tracked.
+        tokenizer = self.tokenizer if self.config.detokenize else None
+        detok = IncrementalDetokenizer(tokenizer, req.prompt_token_ids, req.params)
         if req.output_token_ids:
             detok.update(list(req.output_token_ids))
             detok.get_next_text_delta()  # already streamed by whoever produced these tokens
@@ -207,6 +216,7 @@ class LLMEngine:
                 req.req_id, [sampled[req.req_id]], detok.get_next_text_delta(finished=req.status.is_finished),
                 logprobs.get(req.req_id),
                 req.status.finish_reason, req.stop_reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
+                req.arrival_time, req.first_scheduled_time,
             ))
         return events
 

@@ -17,6 +17,9 @@ class TokenEvent:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    # Monotonic times of the request's arrival in this engine and its first scheduling (None before it).
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

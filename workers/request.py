@@ -48,6 +48,8 @@ class Request:
     # Chained hashes of the request's full blocks, extended as tokens arrive.
     block_hashes: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # When the scheduler first gave it a slot (monotonic); queue time is this minus arrival_time.
+    first_scheduled_time: float | None = None
 
     def __post_init__(self):
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

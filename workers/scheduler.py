@@ -11,6 +11,7 @@ The scheduler decides; the KV cache manager and its block pool keep the accounts
 from __future__ import annotations
 
 import bisect
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -133,6 +134,7 @@ class Scheduler:
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
+                req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(ScheduledSeq(req, num_cached, num_new))

@@ -24,6 +24,22 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage
 
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by requests; the rest are free (some of them cached and reusable)."""
+        return self.pool.num_blocks - self.pool.num_free_blocks
+
+    def num_cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens of token_ids whose KV is cached, in full blocks; read-only (no stats, no LRU touch)."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        for block_hash in hash_token_blocks(token_ids, self.block_size, self.hash_extra):
+            if self.pool.lookup(block_hash) is None:
+                break
+            n += self.block_size
+        return n
+
     def block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, ())]
 

@@ -1,0 +1,188 @@
+"""`tandem`: bring a cluster up (`tandem up`), generate from it (`tandem generate`), and look at it (`tandem status`)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc
+from tandem.v1 import worker_pb2 as wpb
+from tandem.v1 import worker_pb2_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub.add_parser("up", help="start a local cluster (Ray, workers, router) and serve until Ctrl-C"))
+    _add_generate(sub.add_parser("generate", help="stream a completion from a running router"))
+    st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
+    st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    args = parser.parse_args(argv)
+    return {"up": _up, "generate": _generate, "status": _status}[args.command](args)
+
+
+# --- tandem up ----------------------------------------------------------------------------------------
+
+def _add_up(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model path or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--mode", default="disaggregated", choices=("disaggregated", "colocated"))
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="number of 'both' workers in colocated mode")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1", help="router address (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="router port (default %(default)s)")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
+    p.add_argument("--kv-transport", default="tcp", help="KV transfer transport (default %(default)s)")
+    p.add_argument("--max-local-prefill-length", type=int, default=None,
+                   help="prompts with fewer uncached tokens are prefilled on the decode worker")
+    p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--num-cpus-per-worker", type=float, default=1)
+    p.add_argument("--num-gpus-per-worker", type=float, default=0)
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per CPU worker (default: its CPUs)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _up(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cluster.config import ClusterConfig  # imports ray: only for `up`
+
+    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes)) if v is not None}
+    if args.model:
+        engine["model"] = args.model
+    if args.num_gpus_per_worker:
+        engine["device"] = "cuda"
+    try:
+        config = ClusterConfig(
+            model=args.model, mode=args.mode, num_prefill_workers=args.prefill_workers,
+            num_decode_workers=args.decode_workers, num_colocated_workers=args.workers,
+            prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
+            engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
+            num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
+            torch_threads=args.torch_threads,
+        )
+    except ValueError as e:
+        print(f"tandem up: {e}", file=sys.stderr)
+        return 2
+    router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
+                                        ("max_queued_requests", args.max_queued_requests)) if v is not None}
+    return asyncio.run(serve(config, args.host, args.port, router_options))
+
+
+async def serve(config, host: str, port: int, router_options: dict) -> int:
+    """Run the controller and one router until SIGINT or SIGTERM, then drain and stop everything."""
+    from cluster.controller import Controller
+    from router.config import RouterConfig
+    from router.server import Router
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    controller = Controller(config)
+    router = None
+    try:
+        registry = await loop.run_in_executor(None, controller.start)
+        router = Router(RouterConfig(host=host, port=port, registry_address=registry, model=config.model,
+                                     mode=config.mode, **router_options))
+        address = await router.start()
+        await router.wait_ready(timeout_s=60)
+        print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation); registry at {registry}; "
+              f"mode {config.mode}. Ctrl-C stops.", flush=True)
+        await stop.wait()
+        print("tandem: stopping (draining in-flight requests)", flush=True)
+    finally:
+        if router is not None:
+            await router.stop(grace_s=10)
+        await loop.run_in_executor(None, controller.stop)
+    print("tandem: stopped", flush=True)
+    return 0
+
+
+# --- tandem generate ----------------------------------------------------------------------------------
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+
+def _generate(args) -> int:
+    sampling = pb.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=args.stop)
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    if args.seed is not None:
+        sampling.seed = args.seed
+    req = pb.GenerateRequest(sampling=sampling)
+    if args.chat:
+        req.chat.messages.add(role="user", content=args.prompt)
+    else:
+        req.text = args.prompt
+    with grpc.insecure_channel(args.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            for resp in stub.Generate(req, timeout=args.timeout):
+                if resp.HasField("chunk"):
+                    print(resp.chunk.text, end="", flush=True)
+                else:
+                    c = resp.complete
+                    t = c.timings
+                    print(f"\n[{pb.FinishReason.Name(c.finish_reason).removeprefix('FINISH_REASON_').lower()}] "
+                          f"prompt {c.usage.prompt_tokens} (cached {c.usage.cached_tokens}), completion "
+                          f"{c.usage.completion_tokens} tokens; TTFT {t.first_token_ms:.0f} ms, total {t.e2e_ms:.0f} ms",
+                          file=sys.stderr)
+                    if c.error_message:
+                        print(f"error: {c.error_message}", file=sys.stderr)
+                        return 1
+        except grpc.RpcError as e:
+            print(f"\ntandem generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+# --- tandem status ------------------------------------------------------------------------------------
+
+def _status(args) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10)
+        except grpc.RpcError as e:
+            print(f"tandem status: {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: wpb.ClusterStatus) -> str:
+    lines = [f"mode: {status.mode}    registry: {status.registry_address}", "",
+             f"{'pool':<8} {'workers':>7} {'queued':>7} {'max queued':>10}"]
+    for p in status.pools:
+        lines.append(f"{p.role:<8} {p.num_workers:>7} {p.num_queued:>7} {p.max_queued:>10}")
+    lines += ["", f"{'worker':<18} {'role':<8} {'address':<22} {'pid':>7} {'running':>7} {'waiting':>7} "
+                  f"{'KV used':>13} {'KV usage':>8} {'held':>5} {'transfers':>9}"]
+    for w in status.workers:
+        i = w.info
+        lines.append(f"{i.worker_id:<18} {i.role:<8} {i.address:<22} {i.pid:>7} {w.num_running:>7} {w.num_waiting:>7} "
+                     f"{w.num_used_blocks:>6}/{w.num_blocks:<6} {w.kv_cache_usage:>7.1%} {w.num_kv_held:>5} {w.kv_transfers:>9}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

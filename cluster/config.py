@@ -1,0 +1,65 @@
+"""What a cluster is made of: the pools, their sizes and TP, the model and the KV transport."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.kv_transfer import KV_TRANSPORTS
+
+MODES = ("disaggregated", "colocated")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct GGUF)
+    mode: str = "disaggregated"
+    # Disaggregated mode runs prefill and decode pools; colocated mode runs one pool of "both" workers.
+    num_prefill_workers: int = 1
+    num_decode_workers: int = 1
+    num_colocated_workers: int = 1
+    # Ranks per worker, one Ray actor per device in a STRICT_PACK placement group. Prefill and decode must
+    # agree: KV moves rank i to rank i.
+    prefill_tensor_parallel_size: int = 1
+    decode_tensor_parallel_size: int = 1
+    # LLMEngine options for every worker (EngineConfig.from_kwargs names).
+    engine: dict = field(default_factory=dict)
+    kv_transport: str = "tcp"
+    kv_lease_s: float = 30.0
+    # Ray: None starts a local cluster; "auto" or "host:port" joins one.
+    ray_address: str | None = None
+    # Resources of one rank. CPU ranks also get this many torch threads.
+    num_cpus_per_rank: float = 1
+    num_gpus_per_rank: float = 0
+    torch_threads: int | None = None
+    # Where workers and the registry listen; None: this node's IP when joining a Ray cluster, else 127.0.0.1.
+    host: str | None = None
+    registry_port: int = 0
+    health_check_period_s: float = 1.0
+    health_check_timeout_s: float = 10.0
+    worker_start_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        for name in ("num_prefill_workers", "num_decode_workers", "num_colocated_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.mode == "disaggregated" and self.prefill_tensor_parallel_size != self.decode_tensor_parallel_size:
+            raise ValueError(
+                f"decode_tensor_parallel_size: must equal prefill_tensor_parallel_size "
+                f"({self.prefill_tensor_parallel_size}) for now, got {self.decode_tensor_parallel_size}: KV moves from "
+                "prefill rank i to decode rank i"
+            )
+        if "tensor_parallel_size" in self.engine or "role" in self.engine:
+            raise ValueError("engine: set tensor_parallel_size and role through the pool options, not engine options")
+
+    def pools(self) -> list[tuple[str, int, int]]:
+        """(role, number of workers, TP size) per pool."""
+        if self.mode == "colocated":
+            return [("both", self.num_colocated_workers, self.decode_tensor_parallel_size)]
+        return [("prefill", self.num_prefill_workers, self.prefill_tensor_parallel_size),
+                ("decode", self.num_decode_workers, self.decode_tensor_parallel_size)]

@@ -1,0 +1,210 @@
+"""The cluster controller: starts or joins Ray, creates the worker pools, keeps the registry current and
+replaces dead workers.
+
+Each worker is a Ray actor in its own STRICT_PACK placement group (one bundle per TP rank). The actor runs a
+WorkerServer (engine loop + gRPC Worker service + KV transport) and reports where it listens; routers find it
+through the registry and talk to it over gRPC, never through Ray.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util import get_node_ip_address, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ClusterConfig
+from cluster.registry import WorkerRegistry
+from tandem.v1 import worker_pb2 as wpb
+from workers.server import WorkerConfig, WorkerServer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerActor:
+    """Rank 0 of one worker, inside a Ray actor process."""
+
+    def __init__(self, config: WorkerConfig):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = config
+        self.server: WorkerServer | None = None
+
+    def start(self) -> bytes:
+        host = self.config.host or get_node_ip_address()
+        self.server = WorkerServer(WorkerConfig(**{**self.config.__dict__, "host": host}))
+        return self.server.start().SerializeToString()
+
+    def ping(self) -> bool:
+        if self.server is None:
+            return False
+        if self.server.loop.error is not None:
+            raise RuntimeError(f"engine loop failed: {self.server.loop.error}")
+        return True
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+_RemoteWorker = ray.remote(max_restarts=0, max_concurrency=4)(WorkerActor)
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    role: str
+    tp_size: int
+    pg: object
+    actor: object
+    info: wpb.WorkerInfo | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.registry = WorkerRegistry()
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._started_ray = False
+        self.num_replaced = 0
+
+    @property
+    def registry_address(self) -> str | None:
+        return self.registry.address
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Start or join Ray, serve the registry, and bring every pool up; returns the registry address."""
+        cfg = self.config
+        if not ray.is_initialized():
+            if cfg.ray_address is None:
+                need = sum(n * tp * cfg.num_cpus_per_rank for _, n, tp in cfg.pools())
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+                         object_store_memory=128 << 20, log_to_driver=True)
+            else:
+                ray.init(address=cfg.ray_address, log_to_driver=True)
+            self._started_ray = True
+        self.host = cfg.host or ("127.0.0.1" if cfg.ray_address is None else get_node_ip_address())
+        self.registry.serve(self.host, cfg.registry_port)
+        launched = [self._launch(role, tp) for role, n, tp in cfg.pools() for _ in range(n)]
+        for w in launched:
+            self._await_ready(w)
+        self._monitor = threading.Thread(target=self._watch, name="tandem-health", daemon=True)
+        self._monitor.start()
+        log.info("cluster up: %s", ", ".join(f"{w.role} {w.worker_id} at {w.info.address}" for w in launched))
+        return self.registry.address
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=10)
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for w in workers:
+            self.registry.remove(w.worker_id)
+        stops = [w.actor.stop.remote() for w in workers]
+        try:
+            ray.get(stops, timeout=30)
+        except Exception:  # noqa: BLE001 - killed below either way
+            pass
+        for w in workers:
+            self._destroy(w)
+        self.registry.stop()
+        if self._started_ray:
+            ray.shutdown()
+
+    # --- workers --------------------------------------------------------------------------------------
+
+    def _launch(self, role: str, tp: int) -> _Worker:
+        cfg = self.config
+        if tp != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 in the cluster: not built yet")
+        bundle = {"CPU": cfg.num_cpus_per_rank}
+        if cfg.num_gpus_per_rank:
+            bundle["GPU"] = cfg.num_gpus_per_rank
+        worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
+        pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=f"tandem-{worker_id}")
+        wcfg = WorkerConfig(
+            role=role, engine=dict(cfg.engine), host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
+            worker_id=worker_id, kv_transport=cfg.kv_transport, kv_lease_s=cfg.kv_lease_s,
+            torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)),
+        )
+        actor = _RemoteWorker.options(
+            num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, name=f"tandem-{worker_id}",
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+        ).remote(wcfg)
+        w = _Worker(worker_id, role, tp, pg, actor)
+        w.start_ref = actor.start.remote()
+        with self._lock:
+            self._workers[worker_id] = w
+        return w
+
+    def _await_ready(self, w: _Worker) -> None:
+        try:
+            info = wpb.WorkerInfo.FromString(ray.get(w.start_ref, timeout=self.config.worker_start_timeout_s))
+        except Exception:
+            self._forget(w)
+            raise
+        w.info = info
+        self.registry.add(info)
+
+    def _forget(self, w: _Worker) -> None:
+        with self._lock:
+            self._workers.pop(w.worker_id, None)
+        self.registry.remove(w.worker_id)
+        self._destroy(w)
+
+    @staticmethod
+    def _destroy(w: _Worker) -> None:
+        try:
+            ray.kill(w.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        try:
+            remove_placement_group(w.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _watch(self) -> None:
+        """Ping every ready worker; a dead or stuck one leaves the registry at once and is replaced."""
+        cfg = self.config
+        while not self._stop.wait(cfg.health_check_period_s):
+            with self._lock:
+                ready = [w for w in self._workers.values() if w.info is not None]
+            pings = {w.worker_id: (w, w.actor.ping.remote()) for w in ready}
+            for worker_id, (w, ref) in pings.items():
+                if self._stop.is_set():
+                    return
+                try:
+                    ray.get(ref, timeout=cfg.health_check_timeout_s)
+                    continue
+                except (RayActorError, GetTimeoutError, RuntimeError) as e:
+                    log.warning("worker %s (%s) is unhealthy (%s); replacing it", worker_id, w.role, type(e).__name__)
+                except Exception as e:  # noqa: BLE001 - any failure to answer counts as dead
+                    log.warning("worker %s (%s) failed its health check: %s; replacing it", worker_id, w.role, e)
+                self._forget(w)
+                threading.Thread(target=self._replace, args=(w.role, w.tp_size), daemon=True).start()
+
+    def _replace(self, role: str, tp: int) -> None:
+        try:
+            w = self._launch(role, tp)
+            self._await_ready(w)
+            self.num_replaced += 1
+            log.info("replacement %s worker %s ready at %s", role, w.worker_id, w.info.address)
+        except Exception:  # noqa: BLE001 - the next health round sees the pool short; log and go on
+            log.exception("could not replace a %s worker", role)
+
+    def workers(self) -> list[wpb.WorkerInfo]:
+        return self.registry.workers()

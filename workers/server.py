@@ -1,0 +1,505 @@
+"""A worker process: one LLMEngine in a background step loop, served over gRPC as `tandem.v1.Worker`.
+
+Threads:
+- the engine thread runs `EngineLoop`: it applies queued commands between steps, steps while there is work,
+  and hands each TokenEvent to the listener registered for its request;
+- a grpc.aio server runs on its own event loop thread (`WorkerServer`); its handlers talk to the engine only
+  through `EngineLoop.call` and listeners, never by touching engine state directly;
+- the KV transport serves and fetches payloads on its own threads.
+
+KV hand-off (prefill role): as soon as a request's first token is sampled, the engine thread exports its
+prompt KV and stages it on the transport under a transfer id; the blocks stay held until the decode worker
+confirms the fetch, the request is aborted, or its lease expires. Nothing is held past the lease.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import worker_pb2 as wpb
+from tandem.v1 import worker_pb2_grpc
+from workers.config import EngineConfig
+from workers.engine import LLMEngine
+from workers.kv_transfer import KVTransferError, make_kv_transport
+from workers.outputs import TokenEvent
+from workers.wire import FINISH_REASONS, logprobs_to_proto, sampling_params_from_proto
+
+log = logging.getLogger(__name__)
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str = "both"
+    # LLMEngine options (EngineConfig.from_kwargs names: model, max_num_seqs, block_size, ...).
+    engine: dict = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port
+    worker_id: str = ""
+    kv_transport: str = "tcp"
+    # How long KV stays held for a decode worker that has not fetched it yet.
+    kv_lease_s: float = 30.0
+    kv_fetch_timeout_s: float = 30.0
+    # Bounded waiting queue: past it, new requests get RESOURCE_EXHAUSTED.
+    max_waiting_requests: int = 512
+    torch_threads: int | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.kv_lease_s <= 0:
+            raise ValueError(f"kv_lease_s: must be > 0, got {self.kv_lease_s}")
+        if self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests: must be >= 1, got {self.max_waiting_requests}")
+
+
+@dataclass
+class _Lease:
+    req_id: str
+    transfer_id: str
+    expires: float
+    num_bytes: int
+
+
+class EngineLoop:
+    """Owns the engine: every engine call happens on this thread."""
+
+    def __init__(self, engine: LLMEngine, kv_lease_s: float):
+        self.engine = engine
+        self.kv_lease_s = kv_lease_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._listeners: dict[str, Callable[[TokenEvent], None]] = {}
+        self.leases: dict[str, _Lease] = {}  # by transfer id
+        self._lease_by_req: dict[str, str] = {}
+        # Set by the server: stage a prefilled request's KV (returns transfer id, bytes), and withdraw a staged
+        # transfer whose lease expired.
+        self.on_prefilled: Callable[[str], tuple[str, int] | None] | None = None
+        self.on_lease_expired: Callable[[str], None] | None = None
+        self.num_leases_expired = 0
+        self.snapshot = self._snapshot()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        return fut
+
+    def listen(self, req_id: str, listener: Callable[[TokenEvent], None]) -> None:
+        self._listeners[req_id] = listener
+
+    def unlisten(self, req_id: str) -> None:
+        self._listeners.pop(req_id, None)
+
+    def stop(self) -> None:
+        self._stop = True
+        self._commands.put((None, None))
+        self._thread.join(timeout=30)
+
+    # --- the loop (engine thread) ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                busy = self.engine.has_unfinished_requests()
+                self._apply_commands(block=not busy)
+                if self._stop:
+                    break
+                if self.engine.has_unfinished_requests():
+                    for event in self.engine.step():
+                        self._dispatch(event)
+                self._expire_leases()
+                self.snapshot = self._snapshot()
+        except BaseException as e:  # noqa: BLE001 - a dead engine must be visible, not silent
+            log.exception("engine loop died")
+            self.error = e
+            for listener in list(self._listeners.values()):
+                listener(None)
+
+    def _apply_commands(self, block: bool) -> None:
+        timeout = 0.05 if block else 0  # wake now and then to expire leases
+        while True:
+            try:
+                fn, fut = self._commands.get(block=block, timeout=timeout) if block else self._commands.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+    def _dispatch(self, event: TokenEvent) -> None:
+        if event.finish_reason is None and self.engine.role == "prefill" and self.on_prefilled is not None:
+            # First token of a prefill-role request: stage its KV right away, on this thread, before any
+            # later step could touch it.
+            staged = self.on_prefilled(event.req_id)
+            if staged is not None:
+                transfer_id, num_bytes = staged
+                lease = _Lease(event.req_id, transfer_id, time.monotonic() + self.kv_lease_s, num_bytes)
+                self.leases[transfer_id] = lease
+                self._lease_by_req[event.req_id] = transfer_id
+        listener = self._listeners.get(event.req_id)
+        if listener is not None:
+            listener(event)
+        if event.finished:
+            self._listeners.pop(event.req_id, None)
+
+    def release_lease(self, transfer_id: str) -> _Lease | None:
+        """Engine thread: free the blocks held for a transfer (fetched, aborted or expired)."""
+        lease = self.leases.pop(transfer_id, None)
+        if lease is not None:
+            self._lease_by_req.pop(lease.req_id, None)
+            self.engine.abort_request(lease.req_id)
+        return lease
+
+    def lease_of(self, req_id: str) -> str | None:
+        return self._lease_by_req.get(req_id)
+
+    def _expire_leases(self) -> None:
+        if not self.leases:
+            return
+        now = time.monotonic()
+        for tid, lease in list(self.leases.items()):
+            if lease.expires <= now:
+                log.warning("KV lease of %s expired after %.1f s; releasing its blocks", lease.req_id, self.kv_lease_s)
+                self.num_leases_expired += 1
+                if self.on_lease_expired is not None:
+                    self.on_lease_expired(tid)
+                self.release_lease(tid)
+
+    def _snapshot(self) -> dict:
+        engine = self.engine
+        stats = engine.stats()
+        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in engine.scheduler.waiting)
+        return dict(
+            num_running=stats.num_running, num_waiting=stats.num_waiting, num_waiting_tokens=waiting_tokens,
+            num_kv_held=len(self.leases), num_blocks=stats.num_blocks, num_free_blocks=stats.num_free_blocks,
+            num_used_blocks=engine.kv.num_used_blocks, kv_cache_usage=stats.kv_cache_usage,
+            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions,
+        )
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class WorkerServer:
+    """The Worker gRPC service around an EngineLoop. `start()` returns the WorkerInfo; `stop()` ends it all."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        if config.torch_threads:
+            import torch
+            torch.set_num_threads(config.torch_threads)
+        options = dict(config.engine)
+        options.setdefault("detokenize", False)
+        options["role"] = config.role
+        self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
+        self.transport = make_kv_transport(config.kv_transport)
+        self.loop = EngineLoop(self.engine, config.kv_lease_s)
+        self.loop.on_prefilled = self._stage_kv
+        self.loop.on_lease_expired = self.transport.withdraw
+        self.transport.on_fetched = self._on_fetched
+        self.kv_transfers = 0
+        self.kv_transfer_bytes = 0
+        self.kv_transfer_seconds = 0.0
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.info: wpb.WorkerInfo | None = None
+        self._fetch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tandem-kv-fetch")
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> wpb.WorkerInfo:
+        host = self.config.host
+        kv_endpoint = self.transport.start(host)
+        port = self.config.port or _free_port(host)
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run():
+            loop = asyncio.new_event_loop()
+            self._aio_loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve(host, port))
+            except BaseException as e:  # noqa: BLE001
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="tandem-worker-grpc", daemon=True)
+        self._thread.start()
+        ready.wait(timeout=60)
+        if failure:
+            raise failure[0]
+        self.info = wpb.WorkerInfo(
+            worker_id=self.worker_id, role=self.config.role, address=f"{host}:{port}",
+            model=self.engine.model_name, max_model_len=self.engine.max_model_len,
+            block_size=self.engine.block_size, tp_size=self.engine.executor.tp_size,
+            kv_transport=self.transport.name, pid=os.getpid(), node_ip=host,
+        )
+        self._kv_endpoint = kv_endpoint
+        log.info("worker %s (%s) serving on %s:%d, KV transport %s at %s", self.worker_id, self.config.role, host,
+                 port, self.transport.name, kv_endpoint)
+        return self.info
+
+    async def _serve(self, host: str, port: int) -> None:
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        worker_pb2_grpc.add_WorkerServicer_to_server(_Servicer(self), self._server)
+        self._server.add_insecure_port(f"{host}:{port}")
+        await self._server.start()
+
+    def stop(self) -> None:
+        if self._aio_loop is not None and self._server is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace=1.0), self._aio_loop)
+            try:
+                fut.result(timeout=10)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+            self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
+        self.loop.stop()
+        self.transport.close()
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.shutdown()
+
+    # --- KV hand-off ----------------------------------------------------------------------------------
+
+    def _stage_kv(self, req_id: str) -> tuple[str, int] | None:
+        """Engine thread, right after a prefill-role request's first token."""
+        payloads = self.engine.export_kv(req_id)
+        if len(payloads) != 1:
+            raise NotImplementedError("KV hand-off from a TP group needs one transport per rank")
+        transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
+        self.transport.offer(transfer_id, payloads[0])
+        return transfer_id, payloads[0].num_bytes
+
+    def _on_fetched(self, transfer_id: str) -> None:
+        """Transport thread: the decode side confirmed the transfer; free the blocks."""
+        self.loop.call(lambda engine: self.loop.release_lease(transfer_id))
+
+    def stats(self) -> wpb.WorkerStats:
+        s = self.loop.snapshot
+        return wpb.WorkerStats(
+            info=self.info, num_running=s["num_running"], num_waiting=s["num_waiting"],
+            num_waiting_tokens=s["num_waiting_tokens"], num_kv_held=s["num_kv_held"], num_blocks=s["num_blocks"],
+            num_free_blocks=s["num_free_blocks"], num_used_blocks=s["num_used_blocks"],
+            kv_cache_usage=s["kv_cache_usage"], prefix_cache_queries=s["prefix_cache_queries"],
+            prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
+            kv_transfers=self.kv_transfers, kv_transfer_bytes=self.kv_transfer_bytes,
+            kv_transfer_seconds=self.kv_transfer_seconds, kv_leases_expired=self.loop.num_leases_expired,
+        )
+
+
+class _RequestStream:
+    """Engine events of one request, handed from the engine thread to the request's asyncio handler."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, event: TokenEvent | None) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+def _ms(seconds: float | None) -> float:
+    return 0.0 if seconds is None else max(seconds, 0.0) * 1000.0
+
+
+class _Servicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, server: WorkerServer):
+        self.w = server
+        self.loop = server.loop
+
+    async def _engine(self, fn):
+        return await asyncio.wrap_future(self.loop.call(fn))
+
+    async def _check_serving(self, context) -> None:
+        if self.loop.error is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.w.worker_id}: engine failed: {self.loop.error}")
+
+    async def _admit(self, context) -> None:
+        await self._check_serving(context)
+        waiting = self.loop.snapshot["num_waiting"]
+        if waiting >= self.w.config.max_waiting_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker {self.w.worker_id}: waiting queue is full "
+                                f"({waiting} >= max_waiting_requests={self.w.config.max_waiting_requests})")
+
+    @staticmethod
+    def _params(req: wpb.EngineRequest):
+        return sampling_params_from_proto(req.sampling, with_stop_strings=False)
+
+    async def _add(self, context, req: wpb.EngineRequest, stream: _RequestStream) -> None:
+        """Queue a request that prefills here; bad input aborts the call with INVALID_ARGUMENT."""
+        req_id = req.request_id
+        self.loop.listen(req_id, stream)
+        try:
+            params = self._params(req)
+            await self._engine(lambda e: e.add_request(list(req.prompt_token_ids), params, req_id, req.priority,
+                                                       list(req.output_token_ids)))
+        except ValueError as e:
+            self.loop.unlisten(req_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _abort(self, req_id: str) -> None:
+        self.loop.unlisten(req_id)
+
+        def abort(engine):
+            tid = self.loop.lease_of(req_id)
+            if tid is not None:
+                self.w.transport.withdraw(tid)
+                self.loop.release_lease(tid)
+            return engine.abort_request(req_id) is not None or tid is not None
+
+        return await self._engine(abort)
+
+    async def Prefill(self, request: wpb.PrefillRequest, context) -> wpb.PrefillResponse:
+        await self._admit(context)
+        req = request.request
+        stream = _RequestStream(asyncio.get_running_loop())
+        await self._add(context, req, stream)
+        done = False
+        try:
+            event = await stream.queue.get()
+            if event is None:
+                await self._check_serving(context)
+            done = True
+            resp = wpb.PrefillResponse(
+                token_ids=event.new_token_ids, logprobs=logprobs_to_proto(event.new_token_ids, event.logprobs),
+                finish_reason=FINISH_REASONS[event.finish_reason], num_cached_tokens=event.num_cached_tokens,
+                queue_ms=_ms(event.first_scheduled_time - event.arrival_time),
+                prefill_ms=_ms(time.monotonic() - event.first_scheduled_time),
+            )
+            if isinstance(event.stop_reason, int):
+                resp.stop_token_id = event.stop_reason
+            if not event.finished:
+                tid = await self._engine(lambda e: self.loop.lease_of(req.request_id))
+                lease = self.loop.leases.get(tid) if tid else None
+                if lease is None:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"request_id: {req.request_id!r}: KV was not staged")
+                resp.kv.CopyFrom(wpb.KVHandle(
+                    transfer_id=tid, transport=self.w.transport.name, endpoints=[self.w._kv_endpoint], tp_size=1,
+                    num_blocks=-(-len(req.prompt_token_ids) // self.w.engine.block_size), num_bytes=lease.num_bytes,
+                    source_worker_id=self.w.worker_id,
+                ))
+            return resp
+        finally:
+            if not done:  # cancelled, deadline, or failed before the first token: nothing may stay held
+                await self._abort(req.request_id)
+
+    async def Decode(self, request: wpb.DecodeRequest, context):
+        await self._admit(context)
+        req = request.request
+        req_id = req.request_id
+        stream = _RequestStream(asyncio.get_running_loop())
+        first = wpb.DecodeResponse()
+        finished = False
+        try:
+            if request.HasField("kv"):
+                try:
+                    params = self._params(req)
+                except ValueError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                payload, seconds = await self._fetch(request.kv, context)
+                first.kv_transfer_ms = seconds * 1000.0
+                first.kv_transfer_bytes = payload.num_bytes
+                self.loop.listen(req_id, stream)
+                try:
+                    await self._engine(lambda e: e.import_kv(payload, params, req_id, req.priority))
+                except (ValueError, RuntimeError) as e:
+                    self.loop.unlisten(req_id)
+                    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await context.abort(code, f"kv: {e}")
+            else:
+                await self._add(context, req, stream)
+            while True:
+                event = await stream.queue.get()
+                if event is None:
+                    await self._check_serving(context)
+                msg = wpb.DecodeResponse(
+                    token_ids=event.new_token_ids, logprobs=logprobs_to_proto(event.new_token_ids, event.logprobs),
+                    finish_reason=FINISH_REASONS[event.finish_reason], num_cached_tokens=event.num_cached_tokens,
+                )
+                if isinstance(event.stop_reason, int):
+                    msg.stop_token_id = event.stop_reason
+                if first is not None:
+                    if event.first_scheduled_time is not None and not request.HasField("kv"):
+                        first.queue_ms = _ms(event.first_scheduled_time - event.arrival_time)
+                        first.prefill_ms = _ms(time.monotonic() - event.first_scheduled_time)
+                    msg.MergeFrom(first)
+                    first = None
+                finished = event.finished
+                yield msg
+                if finished:
+                    return
+        finally:
+            if not finished:  # the router cancelled (stop string, client gone) or the deadline passed
+                await self._abort(req_id)
+
+    async def _fetch(self, handle: wpb.KVHandle, context):
+        if handle.transport != self.w.transport.name:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"kv: transport {handle.transport!r} does not match this worker's {self.w.transport.name!r}")
+        if handle.tp_size != self.w.engine.executor.tp_size:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"kv: tp_size: prefill has {handle.tp_size}, decode has {self.w.engine.executor.tp_size}; "
+                                "prefill and decode pools must use the same tensor_parallel_size")
+        timeout = self.w.config.kv_fetch_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        start = time.perf_counter()
+        try:
+            payload = await asyncio.get_running_loop().run_in_executor(
+                self.w._fetch_pool, self.w.transport.fetch, handle.endpoints[0], handle.transfer_id, timeout)
+        except KVTransferError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: {e}")
+        seconds = time.perf_counter() - start
+        self.w.kv_transfers += 1
+        self.w.kv_transfer_bytes += payload.num_bytes
+        self.w.kv_transfer_seconds += seconds
+        return payload, seconds
+
+    async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortResponse:
+        n = 0
+        for req_id in request.request_ids:
+            n += bool(await self._abort(req_id))
+        return wpb.AbortResponse(num_aborted=n)
+
+    async def MatchPrefix(self, request: wpb.MatchPrefixRequest, context) -> wpb.MatchPrefixResponse:
+        # Read-only lookups of the block pool's hash table, off the engine thread: waiting for a step (tens to
+        # hundreds of ms) would add to every routed request's TTFT. A stale answer only misroutes one prefill.
+        n = self.w.engine.kv.num_cached_prefix_tokens(list(request.token_ids))
+        return wpb.MatchPrefixResponse(num_cached_tokens=n)
+
+    async def GetStats(self, request, context) -> wpb.WorkerStats:
+        return self.w.stats()
