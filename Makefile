@@ -18,10 +18,11 @@ PROMPT ?= Write a haiku about GPUs.
 MAX_TOKENS ?= 128
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run test bench clean proto
+.PHONY: help venv .venv run generate test bench clean proto
 
 help:
-	@echo "make run [PROMPT='...'] [MAX_TOKENS=N]  generate with the default model (SmolLM2-135M-Instruct GGUF)"
+	@echo "make run                                start a local cluster (tandem up) serving the default model on 127.0.0.1:50051"
+	@echo "make generate [PROMPT='...'] [MAX_TOKENS=N]  generate offline with the default model (SmolLM2-135M-Instruct GGUF)"
 	@echo "make test                               run the test suite (sets up .venv on first use)"
 	@echo "make bench                              run benchmarks/bench_engine.py"
 	@echo "make venv                               create or update .venv only"
@@ -48,6 +49,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/tandem up
+
+generate: $(STAMP)
 	$(VENV_PY) -m workers "$(PROMPT)" --max-tokens $(MAX_TOKENS)
 
 test: $(STAMP)
