@@ -40,7 +40,8 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="router address (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="router port (default %(default)s)")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
-    p.add_argument("--kv-transport", default="tcp", help="KV transfer transport (default %(default)s)")
+    p.add_argument("--kv-transport", default="auto",
+                   help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")

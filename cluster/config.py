@@ -22,7 +22,8 @@ class ClusterConfig:
     decode_tensor_parallel_size: int = 1
     # LLMEngine options for every worker (EngineConfig.from_kwargs names).
     engine: dict = field(default_factory=dict)
-    kv_transport: str = "tcp"
+    # "auto": shm when Ray is local (one host), tcp when joining a Ray cluster that may span hosts.
+    kv_transport: str = "auto"
     kv_lease_s: float = 30.0
     # Ray: None starts a local cluster; "auto" or "host:port" joins one.
     ray_address: str | None = None
@@ -40,8 +41,8 @@ class ClusterConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.kv_transport not in KV_TRANSPORTS:
-            raise ValueError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if self.kv_transport not in ("auto", *KV_TRANSPORTS):
+            raise ValueError(f"kv_transport: must be one of auto, {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         for name in ("num_prefill_workers", "num_decode_workers", "num_colocated_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -56,6 +57,12 @@ class ClusterConfig:
             )
         if "tensor_parallel_size" in self.engine or "role" in self.engine:
             raise ValueError("engine: set tensor_parallel_size and role through the pool options, not engine options")
+
+    @property
+    def resolved_kv_transport(self) -> str:
+        if self.kv_transport != "auto":
+            return self.kv_transport
+        return "shm" if self.ray_address is None else "tcp"
 
     def pools(self) -> list[tuple[str, int, int]]:
         """(role, number of workers, TP size) per pool."""

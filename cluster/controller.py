@@ -63,6 +63,7 @@ class _Worker:
     tp_size: int
     pg: object
     actor: object
+    start_ref: object = None  # ObjectRef of actor.start(): the serialized WorkerInfo
     info: wpb.WorkerInfo | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -138,7 +139,7 @@ class Controller:
         pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=f"tandem-{worker_id}")
         wcfg = WorkerConfig(
             role=role, engine=dict(cfg.engine), host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
-            worker_id=worker_id, kv_transport=cfg.kv_transport, kv_lease_s=cfg.kv_lease_s,
+            worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
             torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)),
         )
         actor = _RemoteWorker.options(

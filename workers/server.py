@@ -433,12 +433,21 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 first.kv_transfer_ms = seconds * 1000.0
                 first.kv_transfer_bytes = payload.num_bytes
                 self.loop.listen(req_id, stream)
+
+                def adopt(engine):
+                    try:
+                        return engine.import_kv(payload, params, req_id, req.priority)
+                    except RuntimeError:
+                        # No free blocks right now: queue it as a local prefill from the prompt and the first
+                        # token instead; the scheduler runs it once blocks free up.
+                        return engine.add_request(payload.prompt_token_ids, params, req_id, req.priority,
+                                                  payload.output_token_ids)
+
                 try:
-                    await self._engine(lambda e: e.import_kv(payload, params, req_id, req.priority))
-                except (ValueError, RuntimeError) as e:
+                    await self._engine(adopt)
+                except ValueError as e:
                     self.loop.unlisten(req_id)
-                    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(e, ValueError) else grpc.StatusCode.RESOURCE_EXHAUSTED
-                    await context.abort(code, f"kv: {e}")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {e}")
             else:
                 await self._add(context, req, stream)
             while True:

@@ -1,0 +1,148 @@
+"""KV transfer benchmark: a full KVPayload fetch between two processes on this host, per transport and size,
+against the transport's raw data path (`measure_raw_bandwidth`).
+
+A sender process starts the transport and, per transfer, builds a fresh bfloat16 payload shaped like a llama-3-8B
+TP=1 shard (32 layers, 8 kv heads, head_dim 128, block 16: 2 MiB per block) and offers it; this process fetches it.
+
+    offer      time of `offer` in the sender (tcp: nothing to copy; shm: the copy into the shared segment)
+    fetch      time of `fetch` in the receiver, from the request to the returned payload
+    end-to-end offer + fetch: from a prefill's finished tensor to the decode side holding it
+
+Times are medians over --repeats transfers (after one warm-up transfer per size); raw is the best of as many. Raw
+covers the same copies as end-to-end (tcp: the socket path; shm: into shared memory and out), so compare the two.
+
+    python benchmarks/bench_kv_transfer.py                 # every transport, 4/16/64/256 MiB
+    python benchmarks/bench_kv_transfer.py --markdown      # also print a markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+# Run as a script from anywhere: make the repository's packages importable without installing them.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+from workers.kv.handoff import KVPayload  # noqa: E402
+from workers.kv_transfer import KV_TRANSPORTS, make_kv_transport  # noqa: E402
+
+MIB = 1 << 20
+GIB = 1 << 30
+NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+BLOCK_BYTES = NUM_LAYERS * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2  # bfloat16
+FILL = 1.5  # exactly representable in bfloat16: the receiver checks it
+
+
+def make_payload(request_id: str, kv_bytes: int) -> KVPayload:
+    num_blocks = max(1, kv_bytes // BLOCK_BYTES)
+    kv = torch.full((NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), FILL, dtype=torch.bfloat16)
+    num_tokens = num_blocks * BLOCK_SIZE
+    return KVPayload(request_id=request_id, model="bench", block_size=BLOCK_SIZE, dtype="bfloat16", tp_rank=0,
+                     tp_size=1, prompt_token_ids=list(range(num_tokens - 1)), output_token_ids=[7],
+                     num_computed_tokens=num_tokens, num_cached_tokens=0, kv=kv)
+
+
+def sender_main(transport_name: str, commands: mp.Queue, replies: mp.Queue) -> None:
+    """The prefill side: offer a fresh payload per command (transfer_id, kv_bytes); reply with the offer time."""
+    transport = make_kv_transport(transport_name)
+    replies.put(transport.start())
+    for transfer_id, kv_bytes in iter(commands.get, None):
+        payload = make_payload(transfer_id, kv_bytes)
+        t0 = time.perf_counter()
+        transport.offer(transfer_id, payload)
+        offer_s = time.perf_counter() - t0
+        del payload  # freed before the fetch starts, so that the free does not slow the sender's reply
+        replies.put(offer_s)
+    transport.close()
+
+
+def bench_transport(name: str, sizes_mib: list[int], repeats: int) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    commands, replies = ctx.Queue(), ctx.Queue()
+    sender = ctx.Process(target=sender_main, args=(name, commands, replies), daemon=True)
+    sender.start()
+    receiver = make_kv_transport(name)
+    rows = []
+    try:
+        endpoint = replies.get(timeout=60)
+        for size_mib in sizes_mib:
+            offer_s, fetch_s = [], []
+            for i in range(repeats + 1):  # the first transfer warms up the connection and the allocator
+                transfer_id = f"{name}-{size_mib}-{i}"
+                commands.put((transfer_id, size_mib * MIB))
+                offer_s.append(replies.get(timeout=60))
+                t0 = time.perf_counter()
+                payload = receiver.fetch(endpoint, transfer_id, timeout_s=60.0)
+                fetch_s.append(time.perf_counter() - t0)
+                if payload.kv.view(-1)[-1].item() != FILL or payload.request_id != transfer_id:
+                    raise RuntimeError(f"{name}: transfer {transfer_id} arrived corrupted")
+                num_bytes = payload.num_bytes
+                del payload
+            offer, fetch = statistics.median(offer_s[1:]), statistics.median(fetch_s[1:])
+            raw = type(receiver).measure_raw_bandwidth(num_bytes, repeats=repeats)
+            rows.append(dict(transport=name, size_mib=num_bytes / MIB, offer_ms=offer * 1e3, fetch_ms=fetch * 1e3,
+                             fetch_gib_s=num_bytes / fetch / GIB, end_to_end_gib_s=num_bytes / (offer + fetch) / GIB,
+                             raw_gib_s=raw / GIB, end_to_end_vs_raw=num_bytes / (offer + fetch) / raw))
+            print(_format_row(rows[-1]), flush=True)
+    finally:
+        commands.put(None)
+        sender.join(timeout=30)
+        if sender.is_alive():
+            sender.kill()
+        receiver.close()
+    return rows
+
+
+COLUMNS = ("transport", "size MiB", "offer ms", "fetch ms", "fetch GiB/s", "end-to-end GiB/s", "raw GiB/s",
+           "end-to-end / raw")
+
+
+def _cells(row: dict) -> list[str]:
+    return [row["transport"], f"{row['size_mib']:.0f}", f"{row['offer_ms']:.1f}", f"{row['fetch_ms']:.1f}",
+            f"{row['fetch_gib_s']:.2f}", f"{row['end_to_end_gib_s']:.2f}", f"{row['raw_gib_s']:.2f}",
+            f"{row['end_to_end_vs_raw']:.0%}"]
+
+
+def _format_row(row: dict) -> str:
+    return "  ".join(f"{k}={v}" for k, v in zip(COLUMNS, _cells(row)))
+
+
+def format_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transports", nargs="+", default=list(KV_TRANSPORTS), choices=KV_TRANSPORTS)
+    p.add_argument("--sizes-mib", nargs="+", type=int, default=[4, 16, 64, 256])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", type=Path, default=None, help="also write the rows and the machine to this JSON file")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = [row for name in args.transports for row in bench_transport(name, args.sizes_mib, args.repeats)]
+    if args.markdown:
+        print(format_markdown(rows))
+    if args.output is not None:
+        record = dict(command=sys.argv, date=datetime.now().isoformat(timespec="seconds"),
+                      machine=platform.platform(), processor=platform.processor(), torch=torch.__version__, rows=rows)
+        args.output.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`python -m router --registry HOST:PORT`: run one router until SIGINT/SIGTERM, then drain."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from router.config import MODES, RouterConfig
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
+    defaults = RouterConfig.__dataclass_fields__
+    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
+    parser.add_argument("--registry", required=True, metavar="HOST:PORT", help="the cluster's Registry service")
+    parser.add_argument("--host", default=defaults["host"].default)
+    parser.add_argument("--port", type=int, default=defaults["port"].default, help="0 picks a free port")
+    parser.add_argument("--model", default=None, help="HF folder, .gguf file or dummy arch (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--load-format", default=defaults["load_format"].default)
+    parser.add_argument("--mode", choices=MODES, default=defaults["mode"].default)
+    parser.add_argument("--max-queued-requests", type=int, default=defaults["max_queued_requests"].default,
+                        help="per pool")
+    parser.add_argument("--max-local-prefill-length", type=int,
+                        default=defaults["max_local_prefill_length"].default,
+                        help="prefill prompts with fewer uncached tokens on the decode worker (0: never)")
+    parser.add_argument("--kv-lease-ms", type=int, default=defaults["kv_lease_ms"].default)
+    parser.add_argument("--max-migrations", type=int, default=defaults["max_migrations"].default)
+    parser.add_argument("--max-prefill-retries", type=int, default=defaults["max_prefill_retries"].default)
+    parser.add_argument("--registry-poll-interval-s", type=float, default=defaults["registry_poll_interval_s"].default)
+    parser.add_argument("--stats-poll-interval-s", type=float, default=defaults["stats_poll_interval_s"].default)
+    parser.add_argument("--drain-timeout-s", type=float, default=defaults["drain_timeout_s"].default)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    try:
+        config = RouterConfig(
+            host=args.host, port=args.port, registry_address=args.registry, model=args.model,
+            load_format=args.load_format, mode=args.mode, max_queued_requests=args.max_queued_requests,
+            max_local_prefill_length=args.max_local_prefill_length, kv_lease_ms=args.kv_lease_ms,
+            max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
+            registry_poll_interval_s=args.registry_poll_interval_s, stats_poll_interval_s=args.stats_poll_interval_s,
+            drain_timeout_s=args.drain_timeout_s,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return config, args.log_level
+
+
+async def serve(config: RouterConfig) -> None:
+    from router.server import Router
+
+    router = Router(config)
+    address = await router.start()
+    print(f"router listening on {address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await router.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, log_level = parse_config(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

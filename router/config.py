@@ -1,0 +1,70 @@
+"""Router configuration: one frozen record, validated at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("disaggregated", "colocated")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    # 0 picks a free port; Router.start() returns the address actually bound.
+    port: int = 50051
+    # host:port of the cluster's Registry service.
+    registry_address: str = ""
+    # Where the tokenizer comes from (None: the default SmolLM2 GGUF); its name is the model the router serves
+    # and must be what the workers report in WorkerInfo.model.
+    model: str | None = None
+    load_format: str = "auto"
+    mode: str = "disaggregated"
+    # Per pool: requests admitted by this router that have not yet had their first token from that pool.
+    max_queued_requests: int = 256
+    # Conditional disaggregation: a prompt whose uncached part is shorter than this is prefilled on the decode
+    # worker itself (0: always disaggregate). Ignored in colocated mode.
+    max_local_prefill_length: int = 64
+    # How long a prefill worker holds a request's KV for the decode worker (0: the worker's default).
+    kv_lease_ms: int = 0
+    # Times a request may move to another decode worker after its decode worker failed mid-stream.
+    max_migrations: int = 3
+    # Times a prefill may be retried on another prefill worker after its worker became unavailable.
+    max_prefill_retries: int = 3
+    # MatchPrefix is a hint: past this the request is disaggregated without it.
+    match_prefix_timeout_s: float = 0.05
+    registry_poll_interval_s: float = 1.0
+    stats_poll_interval_s: float = 0.1
+    # How long stop() lets in-flight requests finish when no grace is given.
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if not self.host:
+            raise ValueError("host: must be a host name or address, got ''")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535] (0 picks a free port), got {self.port}")
+        if not self.registry_address or ":" not in self.registry_address:
+            raise ValueError(f"registry_address: must be host:port, got {self.registry_address!r}")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests: must be >= 1, got {self.max_queued_requests}")
+        if self.max_local_prefill_length < 0:
+            raise ValueError(f"max_local_prefill_length: must be >= 0, got {self.max_local_prefill_length}")
+        if self.kv_lease_ms < 0:
+            raise ValueError(f"kv_lease_ms: must be >= 0 (0: the worker's default), got {self.kv_lease_ms}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
+        if self.max_prefill_retries < 0:
+            raise ValueError(f"max_prefill_retries: must be >= 0, got {self.max_prefill_retries}")
+        for name in ("match_prefix_timeout_s", "registry_poll_interval_s", "stats_poll_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """The worker pools requests need: prefill and decode, or one pool of role "both"."""
+        return ("prefill", "decode") if self.mode == "disaggregated" else ("both",)

@@ -1,0 +1,267 @@
+"""The router's view of the workers: who exists (the registry), how loaded each is (GetStats), who is down.
+
+One grpc.aio channel per worker, opened when the registry first lists it and closed when the registry drops it.
+Load estimates add this router's requests that a worker's stats may not show yet, so that a burst of requests
+between two reports spreads out instead of landing on the same worker: a request counts from dispatch until its
+first token from that worker (prefill done, or first decode message) and one stats report asked for after that.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from router.config import RouterConfig
+from router.policy import WorkerLoad, pick_decode, pick_prefill
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Which worker roles serve each pool, per mode.
+POOL_ROLES = {
+    "disaggregated": {"prefill": ("prefill", "both"), "decode": ("decode", "both")},
+    "colocated": {"both": ("both",)},
+}
+STATS_TIMEOUT_S = 2.0
+# A worker marked down is polled this much less often until it answers again.
+DOWN_POLL_FACTOR = 5
+# Calls still running on the channel of a worker the registry dropped get this long before it closes.
+CHANNEL_CLOSE_GRACE_S = 30.0
+
+
+class _Pending:
+    __slots__ = ("num_tokens", "num_blocks", "settled_at")
+
+    def __init__(self, num_tokens: int, num_blocks: int):
+        self.num_tokens = num_tokens  # prompt tokens it still has to compute there
+        self.num_blocks = num_blocks
+        self.settled_at: float | None = None  # when it produced its first token there
+
+
+class WorkerHandle:
+    """One worker: its channel, last stats, up/down state and this router's requests its stats may not show."""
+
+    def __init__(self, info: worker_pb2.WorkerInfo, now: float):
+        self.info = info
+        self.worker_id = info.worker_id
+        self.role = info.role
+        self.channel = grpc.aio.insecure_channel(info.address)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.stats: worker_pb2.WorkerStats | None = None
+        self.stats_issued_at = 0.0  # when the GetStats that `stats` answers was sent
+        self.listed_at = now
+        self.down_since: float | None = None
+        self.pending: dict[int, _Pending] = {}  # by ticket
+        self.poller: asyncio.Task | None = None
+
+    @property
+    def is_up(self) -> bool:
+        return self.stats is not None and self.down_since is None
+
+    def load(self) -> WorkerLoad:
+        stats = self.stats
+        num_tokens = num_blocks = 0
+        for p in self.pending.values():
+            num_tokens += p.num_tokens
+            num_blocks += p.num_blocks
+        return WorkerLoad(
+            worker_id=self.worker_id,
+            num_waiting_tokens=stats.num_waiting_tokens + num_tokens,
+            num_free_blocks=stats.num_free_blocks - num_blocks,
+            num_running=stats.num_running + stats.num_waiting + len(self.pending),
+        )
+
+    def forget_reported(self) -> None:
+        """Drop requests that a stats report asked for after their first token shows."""
+        issued_at = self.stats_issued_at
+        stale = [t for t, p in self.pending.items() if p.settled_at is not None and p.settled_at < issued_at]
+        for ticket in stale:
+            del self.pending[ticket]
+
+
+class WorkerPool:
+    """Polls the registry and the workers; picks workers for prefill and decode.
+
+    `on_change` is called (synchronously, on the event loop) whenever a pool may have gained or lost its last
+    live worker.
+    """
+
+    def __init__(self, config: RouterConfig, model_name: str, on_change: Callable[[], None] = lambda: None):
+        self.config = config
+        self.model_name = model_name
+        self.on_change = on_change
+        self.workers: dict[str, WorkerHandle] = {}
+        self._pool_roles = POOL_ROLES[config.mode]
+        self._decode_pool = "decode" if config.mode == "disaggregated" else "both"
+        self._tickets = itertools.count()
+        self._registry_ok: bool | None = None
+        self._ignored: set[str] = set()
+        self._channel = grpc.aio.insecure_channel(config.registry_address)
+        self._registry = worker_pb2_grpc.RegistryStub(self._channel)
+        self._task: asyncio.Task | None = None
+        self._closers: set[asyncio.Task] = set()
+
+    @property
+    def decode_pool(self) -> str:
+        """The pool decode calls go to: "decode", or "both" in colocated mode."""
+        return self._decode_pool
+
+    async def start(self) -> None:
+        await self.poll_registry()
+        self._task = asyncio.create_task(self._registry_loop(), name="router-registry")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *(w.poller for w in self.workers.values())) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(w.channel.close() for w in self.workers.values()), return_exceptions=True)
+        for t in self._closers:
+            t.cancel()
+        await asyncio.gather(*self._closers, return_exceptions=True)
+        self.workers.clear()
+        await self._channel.close()
+
+    # --- choosing -------------------------------------------------------------------------------------------
+
+    def live_workers(self, pool: str) -> list[WorkerHandle]:
+        roles = self._pool_roles[pool]
+        return [w for w in self.workers.values() if w.is_up and w.role in roles]
+
+    def num_live(self, pool: str) -> int:
+        return len(self.live_workers(pool))
+
+    def is_ready(self) -> bool:
+        """Every pool has a live worker."""
+        return all(self.live_workers(pool) for pool in self._pool_roles)
+
+    def choose_prefill(self, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerHandle | None:
+        loads = [w.load() for w in self.live_workers("prefill") if w.worker_id not in exclude]
+        return self.workers.get(pick_prefill(loads))
+
+    def choose_decode(self, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerHandle | None:
+        loads = [w.load() for w in self.live_workers(self._decode_pool) if w.worker_id not in exclude]
+        return self.workers.get(pick_decode(loads))
+
+    def max_model_len(self, pools: tuple[str, ...] | None = None) -> int | None:
+        """The smallest context among the live workers of `pools` (all pools by default); None without any."""
+        lens = [w.info.max_model_len for p in (pools or tuple(self._pool_roles)) for w in self.live_workers(p)]
+        return min(lens, default=None)
+
+    # --- accounting -----------------------------------------------------------------------------------------
+
+    def dispatch(self, worker: WorkerHandle, num_prompt_tokens: int, num_blocks: int) -> int:
+        """Count a request sent to `worker` in its load: until finish(), or settle() and the next stats report."""
+        ticket = next(self._tickets)
+        worker.pending[ticket] = _Pending(num_prompt_tokens, num_blocks)
+        return ticket
+
+    def settle(self, worker: WorkerHandle, ticket: int) -> None:
+        """The request produced its first token there: its prompt is computed, and stats asked for from now on
+        count it."""
+        p = worker.pending.get(ticket)
+        if p is not None and p.settled_at is None:
+            p.num_tokens = 0
+            p.settled_at = time.monotonic()
+
+    def finish(self, worker: WorkerHandle, ticket: int) -> None:
+        """The request is gone from `worker` (or never got there)."""
+        worker.pending.pop(ticket, None)
+
+    def mark_down(self, worker: WorkerHandle) -> None:
+        """A call failed as if the worker were gone: skip it until the registry lists it again with fresh stats."""
+        if worker.down_since is None:
+            log.warning("worker %s (%s, %s) is unavailable; routing around it", worker.worker_id, worker.role,
+                        worker.info.address)
+            worker.down_since = time.monotonic()
+            self.on_change()
+
+    # --- polling --------------------------------------------------------------------------------------------
+
+    async def _registry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.registry_poll_interval_s)
+            await self.poll_registry()
+
+    async def poll_registry(self) -> None:
+        try:
+            resp = await self._registry.ListWorkers(
+                worker_pb2.ListWorkersRequest(), timeout=max(1.0, self.config.registry_poll_interval_s))
+        except grpc.aio.AioRpcError as e:
+            if self._registry_ok is not False:
+                log.warning("registry %s: %s: %s (keeping the last known workers)", self.config.registry_address,
+                            e.code().name, e.details())
+            self._registry_ok = False
+            return
+        if self._registry_ok is False:
+            log.info("registry %s is reachable again", self.config.registry_address)
+        self._registry_ok = True
+        self._apply_listing(resp)
+
+    def _apply_listing(self, resp: worker_pb2.ListWorkersResponse) -> None:
+        now = time.monotonic()
+        listed = {}
+        for info in resp.workers:
+            if info.model != self.model_name:
+                if info.worker_id not in self._ignored:
+                    self._ignored.add(info.worker_id)
+                    log.warning("ignoring worker %s at %s: it serves %r, this router serves %r",
+                                info.worker_id, info.address, info.model, self.model_name)
+                continue
+            if info.role not in ("prefill", "decode", "both"):
+                continue
+            listed[info.worker_id] = info
+        changed = False
+        for worker_id in [w for w in self.workers if w not in listed]:
+            self._remove(self.workers.pop(worker_id))
+            changed = True
+        for worker_id, info in listed.items():
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                worker = self.workers[worker_id] = WorkerHandle(info, now)
+                worker.poller = asyncio.create_task(self._stats_loop(worker), name=f"router-stats-{worker_id}")
+                log.info("worker %s joined: %s at %s", worker_id, info.role, info.address)
+            else:
+                worker.listed_at = now
+                changed |= self._maybe_revive(worker)
+        if changed:
+            self.on_change()
+
+    def _remove(self, worker: WorkerHandle) -> None:
+        log.info("worker %s left: %s at %s", worker.worker_id, worker.role, worker.info.address)
+        if worker.poller is not None:
+            worker.poller.cancel()
+        # Calls still running there (a registry hiccup, not a death) may finish; new ones go elsewhere.
+        closer = asyncio.create_task(worker.channel.close(grace=CHANNEL_CLOSE_GRACE_S))
+        self._closers.add(closer)
+        closer.add_done_callback(self._closers.discard)
+
+    def _maybe_revive(self, worker: WorkerHandle) -> bool:
+        down = worker.down_since
+        if down is not None and worker.listed_at > down and worker.stats_issued_at > down:
+            log.info("worker %s is back", worker.worker_id)
+            worker.down_since = None
+            return True
+        return False
+
+    async def _stats_loop(self, worker: WorkerHandle) -> None:
+        request = worker_pb2.GetStatsRequest()
+        interval = self.config.stats_poll_interval_s
+        while True:
+            issued_at = time.monotonic()
+            try:
+                stats = await worker.stub.GetStats(request, timeout=STATS_TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.mark_down(worker)
+            else:
+                first = worker.stats is None
+                worker.stats, worker.stats_issued_at = stats, issued_at
+                worker.forget_reported()
+                if self._maybe_revive(worker) or first:
+                    self.on_change()
+            await asyncio.sleep(interval if worker.down_since is None else interval * DOWN_POLL_FACTOR)

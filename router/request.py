@@ -1,0 +1,437 @@
+"""One Generate call from admission to its last message: prefill, hand-off, decode, migration and cleanup.
+
+The path of a request:
+  disaggregated: Prefill on a prefill worker -> first token to the client -> Decode with the KV handle on a decode
+                 worker -> the rest of the tokens.
+  local:         Decode without a KV handle (colocated mode, or a prompt whose uncached part is short): the
+                 decode worker prefills it itself.
+Failures that leave the client's stream intact:
+  - Prefill: the worker is unavailable -> the same prefill on another prefill worker (max_prefill_retries).
+  - Decode: the KV could not be pulled ("kv:" FAILED_PRECONDITION) -> Decode again on the same worker without KV,
+    with the first token as output_token_ids.
+  - Decode: the worker went away mid-stream -> Decode on another decode worker with every token streamed so far
+    as output_token_ids (max_migrations). The client sees one stream.
+Invariant: when the request ends in any way, every worker call it started that the worker neither finished nor
+refused is cancelled and Abort is sent to that worker (unknown ids are ignored there), so no KV stays held for a
+request that is gone: not after a cancellation, a deadline, a stop string or a failure elsewhere.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+
+import grpc
+
+from router.admission import Admission
+from router.config import RouterConfig
+from router.convert import GenerateInput
+from router.errors import RouterError
+from router.model import ServedModel
+from router.pool import WorkerHandle, WorkerPool
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import worker_pb2
+from workers.detokenizer import IncrementalDetokenizer
+from workers.wire import sampling_params_to_proto
+
+log = logging.getLogger(__name__)
+
+UNFINISHED = pb.FINISH_REASON_UNSPECIFIED
+# The worker went away, or its channel was closed because the registry dropped it.
+WORKER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# The worker's verdict on the request itself: the client gets the same code.
+PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+ABORT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class RouterServices:
+    """What every request shares: read-mostly state owned by the Router."""
+
+    config: RouterConfig
+    model: ServedModel
+    pool: WorkerPool
+    admission: Admission
+    # Runs a coroutine in the background, outliving the request (aborts after a cancellation).
+    spawn: Callable[[Coroutine], None]
+
+
+class _Outcome(enum.Enum):
+    DONE = 1  # the request finished and its last message was sent
+    KV_LOST = 2  # the decode worker could not pull the KV
+    WORKER_LOST = 3  # the decode worker went away before the request finished
+
+
+class GenerateCall:
+    """Runs one request; `send` writes one response to the client, `time_remaining` is the client's deadline."""
+
+    def __init__(self, services: RouterServices, inp: GenerateInput,
+                 send: Callable[[pb.GenerateResponse], Awaitable[None]],
+                 time_remaining: Callable[[], float | None], arrival: float):
+        self.s = services
+        self.request_id = inp.request_id
+        self.prompt = inp.prompt_token_ids
+        self.params = inp.params
+        self.priority = inp.priority
+        self.send = send
+        self.time_remaining = time_remaining
+        self.arrival = arrival
+        self.sampling = sampling_params_to_proto(inp.params, with_stop_strings=False)
+        self.detok = IncrementalDetokenizer(services.model.decoder, self.prompt, inp.params)
+        self.output_ids: list[int] = []
+        self.num_cached_tokens = 0
+        self.max_model_len = 0
+        # Worker-side ids are unique per call: a fallback on the same worker must not collide with the call it
+        # replaces, and two clients may pick the same request_id.
+        self._engine_id_base = f"{self.request_id}-{uuid.uuid4().hex[:8]}"
+        self._num_calls = 0
+        self._queued: set[str] = set()  # pools this request still counts against
+        # engine request id -> worker, for calls not known to have ended on the worker's side.
+        self._open: dict[str, WorkerHandle] = {}
+        self._kv_engine_id: str | None = None  # the prefill call whose KV a decode worker has not confirmed yet
+        # Timings, in ms unless named otherwise.
+        self.dispatched_at: float | None = None
+        self.first_token_at: float | None = None
+        self.worker_queue_ms = 0.0
+        self.prefill_ms = 0.0
+        self.kv_transfer_ms = 0.0
+        self.num_migrations = 0
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._cleanup()
+
+    # --- the path ---------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        config, pool = self.s.config, self.s.pool
+        decode_pool = pool.decode_pool
+        prompt_len = len(self.prompt)
+        local = config.mode == "colocated" or prompt_len < config.max_local_prefill_length
+        pools = (decode_pool,) if local else ("prefill", decode_pool)
+        for name in pools:
+            if not pool.num_live(name):
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"{name} pool: no live worker")
+        self.max_model_len = pool.max_model_len(pools)
+        if prompt_len >= self.max_model_len:
+            raise RouterError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input: the prompt has {prompt_len} tokens; it must be shorter than the model's context "
+                f"(max_model_len={self.max_model_len})",
+            )
+        self.s.admission.admit(pools)
+        self._queued.update(pools)
+
+        decode_worker = None
+        if not local and config.max_local_prefill_length > 0:
+            decode_worker = pool.choose_decode()
+            num_cached = await self._match_prefix(decode_worker) if decode_worker is not None else 0
+            if prompt_len - num_cached < config.max_local_prefill_length:
+                local = True
+                self._release("prefill")
+        kv = None
+        if not local:
+            decode_worker = None  # picked again when the first token is out: loads change during a prefill
+            resp = await self._prefill()
+            kv = resp.kv if resp.HasField("kv") else None
+            if await self._emit(resp.token_ids, resp.logprobs, resp.finish_reason):
+                return
+        await self._decode(decode_worker or pool.choose_decode(), kv)
+
+    async def _match_prefix(self, worker: WorkerHandle) -> int:
+        """How much of the prompt `worker` caches; 0 when it does not answer in time (it is only a hint)."""
+        timeout = min(self.s.config.match_prefix_timeout_s, self._timeout() or float("inf"))
+        try:
+            resp = await worker.stub.MatchPrefix(worker_pb2.MatchPrefixRequest(token_ids=self.prompt), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return 0
+        return resp.num_cached_tokens
+
+    async def _prefill(self) -> worker_pb2.PrefillResponse:
+        config, pool = self.s.config, self.s.pool
+        tried: set[str] = set()
+        while len(tried) <= config.max_prefill_retries:
+            worker = pool.choose_prefill(tried)
+            if worker is None:
+                break
+            engine_id = self._new_engine_id()
+            req = worker_pb2.PrefillRequest(request=self._engine_request(engine_id), kv_lease_ms=config.kv_lease_ms)
+            timeout = self._timeout()
+            ticket = self._dispatch(worker, engine_id, len(self.prompt), 0)
+            call = None
+            try:
+                call = worker.stub.Prefill(req, timeout=timeout)
+                resp = await call
+            except BaseException as e:
+                pool.finish(worker, ticket)
+                if call is not None and not call.done():  # this request was cancelled
+                    call.cancel()
+                if not _worker_gone(e):
+                    if isinstance(e, grpc.aio.AioRpcError):
+                        if e.code() in PASSED_THROUGH:
+                            self._open.pop(engine_id)  # refused: nothing is held there
+                        raise self._worker_error(e, "prefill", worker) from None
+                    raise
+                # Left open: if the worker is alive after all, the Abort at the end frees what it holds.
+                log.warning("%s: prefill worker %s failed (%s); retrying elsewhere", self.request_id,
+                            worker.worker_id, e.code().name if isinstance(e, grpc.aio.AioRpcError) else e)
+                pool.mark_down(worker)
+                tried.add(worker.worker_id)
+                continue
+            pool.settle(worker, ticket)  # its KV stays there until a decode worker takes it
+            self._release("prefill")
+            if resp.finish_reason != UNFINISHED or not resp.HasField("kv"):
+                self._open.pop(engine_id)  # no KV is held
+            else:
+                self._kv_engine_id = engine_id
+            self.worker_queue_ms = resp.queue_ms
+            self.prefill_ms += resp.prefill_ms
+            self.num_cached_tokens = resp.num_cached_tokens
+            return resp
+        raise RouterError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"prefill pool: no live worker left (failed on {len(tried)}: {', '.join(sorted(tried))})"
+            if tried else "prefill pool: no live worker",
+        )
+
+    async def _decode(self, worker: WorkerHandle | None, kv: worker_pb2.KVHandle | None) -> None:
+        config, pool = self.s.config, self.s.pool
+        failed: set[str] = set()
+        while True:
+            if worker is None:
+                detail = f" left (failed: {', '.join(sorted(failed))})" if failed else ""
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, f"{pool.decode_pool} pool: no live worker{detail}")
+            if self.output_ids and self._reached_length():
+                # The last worker stopped between sending the last token and saying so.
+                await self._complete(pb.FINISH_REASON_LENGTH, None)
+                return
+            outcome, num_messages = await self._stream(worker, kv)
+            if outcome is _Outcome.DONE:
+                return
+            if outcome is _Outcome.KV_LOST:
+                # The prefill worker died or the lease expired: prefill here, after the first token.
+                self._abort_held_kv()
+                kv = None
+                continue
+            pool.mark_down(worker)
+            failed.add(worker.worker_id)
+            if self.num_migrations >= config.max_migrations:
+                raise RouterError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{pool.decode_pool} pool: worker {worker.worker_id} failed and the request already moved "
+                    f"{self.num_migrations} times (max_migrations={config.max_migrations})",
+                )
+            self.num_migrations += 1
+            log.warning("%s: decode worker %s failed after %d tokens; migrating", self.request_id,
+                        worker.worker_id, len(self.output_ids))
+            if num_messages:
+                # The KV was pulled (and released by the prefill side) and tokens were made: recompute elsewhere.
+                kv = None
+            worker = pool.choose_decode(failed)
+
+    async def _stream(self, worker: WorkerHandle, kv: worker_pb2.KVHandle | None) -> tuple[_Outcome, int]:
+        """One Decode call; returns how it ended and how many messages it sent."""
+        engine_id = self._new_engine_id()
+        req = worker_pb2.DecodeRequest(request=self._engine_request(engine_id), kv=kv)
+        num_tokens = len(self.prompt) + len(self.output_ids)
+        block_size = max(worker.info.block_size, 1)
+        timeout = self._timeout()
+        ticket = self._dispatch(worker, engine_id, 0 if kv is not None else num_tokens, num_tokens // block_size + 1)
+        num_messages = 0
+        call = None
+        try:
+            call = worker.stub.Decode(req, timeout=timeout)
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    self._open.pop(engine_id)
+                    log.warning("%s: decode worker %s ended the stream without a finish_reason",
+                                self.request_id, worker.worker_id)
+                    return _Outcome.WORKER_LOST, num_messages
+                if num_messages == 0:
+                    self.s.pool.settle(worker, ticket)
+                    self._on_first_decode_message(msg, kv)
+                num_messages += 1
+                if msg.finish_reason == pb.FINISH_REASON_ABORT:
+                    # Only this router aborts its requests, and not while reading them: the worker is shutting
+                    # down or gave up on the request. Either way another worker can carry on.
+                    self._open.pop(engine_id)
+                    if msg.token_ids:
+                        await self._emit(msg.token_ids, msg.logprobs, UNFINISHED)
+                    log.warning("%s: decode worker %s aborted the request", self.request_id, worker.worker_id)
+                    return _Outcome.WORKER_LOST, num_messages
+                if await self._emit(msg.token_ids, msg.logprobs, msg.finish_reason):
+                    if msg.finish_reason != UNFINISHED:
+                        self._open.pop(engine_id)
+                    # Else a stop string matched: the call is cancelled below (and Abort sent on cleanup).
+                    return _Outcome.DONE, num_messages
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            if code in PASSED_THROUGH or code == grpc.StatusCode.FAILED_PRECONDITION:
+                self._open.pop(engine_id)  # refused: nothing is held there
+            # Else left open, for the Abort at the end: the worker may still be alive (a deadline, a closed channel).
+            if code == grpc.StatusCode.FAILED_PRECONDITION and kv is not None and (e.details() or "").startswith("kv:"):
+                log.info("%s: decode worker %s could not pull the KV (%s); prefilling there", self.request_id,
+                         worker.worker_id, e.details())
+                return _Outcome.KV_LOST, num_messages
+            if code in WORKER_GONE:
+                return _Outcome.WORKER_LOST, num_messages
+            raise self._worker_error(e, "decode", worker) from None
+        except grpc.aio.UsageError:  # the channel was closed: the registry dropped the worker
+            return _Outcome.WORKER_LOST, num_messages
+        finally:
+            if call is not None and not call.done() and engine_id in self._open:
+                call.cancel()  # a stop string, or this request was cancelled
+            self.s.pool.finish(worker, ticket)
+
+    def _on_first_decode_message(self, msg: worker_pb2.DecodeResponse, kv: worker_pb2.KVHandle | None) -> None:
+        self._release(self.s.pool.decode_pool)
+        self.prefill_ms += msg.prefill_ms
+        self.kv_transfer_ms += msg.kv_transfer_ms
+        if kv is not None:
+            # The decode worker confirmed the KV, so the prefill worker has let it go.
+            self._open.pop(self._kv_engine_id, None)
+            self._kv_engine_id = None
+        elif not self.output_ids:
+            # Prefilled here and this is the first token.
+            self.worker_queue_ms = msg.queue_ms
+            self.num_cached_tokens = msg.num_cached_tokens
+
+    # --- responses --------------------------------------------------------------------------------------------
+
+    async def _emit(self, token_ids, logprobs, finish_reason: int) -> bool:
+        """Send the new tokens as one chunk (and the Complete when finished); True when the request finished."""
+        ids = list(token_ids)
+        detok = self.detok
+        if len(ids) > 1 and self.params.stop:
+            # Stop strings end the request at the token that completes them, as if tokens came one at a time.
+            stop_str = None
+            for i, token_id in enumerate(ids):
+                stop_str = detok.update([token_id])
+                if stop_str is not None:
+                    del ids[i + 1:]
+                    break
+        else:
+            stop_str = detok.update(ids)
+        if stop_str is not None:
+            finish_reason = pb.FINISH_REASON_STOP
+        self.output_ids.extend(ids)
+        finished = finish_reason != UNFINISHED
+        chunk = pb.Chunk(
+            token_ids=ids, text=detok.get_next_text_delta(finished), prompt_tokens=len(self.prompt),
+            completion_tokens=len(self.output_ids), cached_tokens=self.num_cached_tokens,
+        )
+        if self.params.logprobs is not None:
+            chunk.logprobs.extend(logprobs[:len(ids)])
+        await self.send(pb.GenerateResponse(request_id=self.request_id, chunk=chunk))
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if finished:
+            await self._complete(finish_reason, stop_str)
+        return finished
+
+    async def _complete(self, finish_reason: int, stop_str: str | None) -> None:
+        complete = pb.Complete(
+            finish_reason=finish_reason,
+            usage=pb.Usage(prompt_tokens=len(self.prompt), completion_tokens=len(self.output_ids),
+                           cached_tokens=self.num_cached_tokens),
+            timings=self._timings(),
+        )
+        if stop_str is not None:
+            complete.stop_str = stop_str
+        elif (finish_reason == pb.FINISH_REASON_STOP and self.output_ids
+              and self.output_ids[-1] in self.params.stop_token_ids):
+            complete.stop_token_id = self.output_ids[-1]
+        elif finish_reason == pb.FINISH_REASON_ERROR:
+            complete.error_message = "the worker reported an error while generating"
+        await self.send(pb.GenerateResponse(request_id=self.request_id, complete=complete))
+
+    def _timings(self) -> pb.Timings:
+        now = time.perf_counter()
+        router_queue_ms = ((self.dispatched_at or now) - self.arrival) * 1e3
+        return pb.Timings(
+            queue_ms=router_queue_ms + self.worker_queue_ms, prefill_ms=self.prefill_ms,
+            kv_transfer_ms=self.kv_transfer_ms, first_token_ms=((self.first_token_at or now) - self.arrival) * 1e3,
+            e2e_ms=(now - self.arrival) * 1e3, num_migrations=self.num_migrations,
+        )
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        """The client's remaining deadline, for a worker call."""
+        remaining = self.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise RouterError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return remaining
+
+    def _new_engine_id(self) -> str:
+        self._num_calls += 1
+        return f"{self._engine_id_base}-{self._num_calls}"
+
+    def _engine_request(self, engine_id: str) -> worker_pb2.EngineRequest:
+        return worker_pb2.EngineRequest(
+            request_id=engine_id, prompt_token_ids=self.prompt, output_token_ids=self.output_ids,
+            sampling=self.sampling, priority=self.priority,
+        )
+
+    def _dispatch(self, worker: WorkerHandle, engine_id: str, num_prompt_tokens: int, num_blocks: int) -> int:
+        if self.dispatched_at is None:
+            self.dispatched_at = time.perf_counter()
+        self._open[engine_id] = worker
+        return self.s.pool.dispatch(worker, num_prompt_tokens, num_blocks)
+
+    def _reached_length(self) -> bool:
+        max_tokens = self.params.max_tokens
+        return ((max_tokens is not None and len(self.output_ids) >= max_tokens)
+                or len(self.prompt) + len(self.output_ids) >= self.max_model_len)
+
+    def _release(self, pool: str) -> None:
+        if pool in self._queued:
+            self._queued.discard(pool)
+            self.s.admission.release(pool)
+
+    def _abort_held_kv(self) -> None:
+        engine_id, self._kv_engine_id = self._kv_engine_id, None
+        worker = self._open.pop(engine_id, None) if engine_id is not None else None
+        if worker is not None:
+            self.s.spawn(abort(worker, [engine_id]))
+
+    def _worker_error(self, e: grpc.aio.AioRpcError, what: str, worker: WorkerHandle) -> RouterError:
+        code, details = e.code(), e.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RouterError(code, f"deadline exceeded during {what}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return RouterError(code, details)  # the worker's message names the field
+        if code in PASSED_THROUGH:
+            return RouterError(code, f"{what} worker {worker.worker_id}: {details}")
+        return RouterError(grpc.StatusCode.INTERNAL, f"{what} worker {worker.worker_id}: {code.name}: {details}")
+
+    def _cleanup(self) -> None:
+        for pool in list(self._queued):
+            self._release(pool)
+        by_worker: dict[str, tuple[WorkerHandle, list[str]]] = {}
+        for engine_id, worker in self._open.items():
+            by_worker.setdefault(worker.worker_id, (worker, []))[1].append(engine_id)
+        self._open.clear()
+        for worker, engine_ids in by_worker.values():
+            self.s.spawn(abort(worker, engine_ids))
+
+
+def _worker_gone(e: BaseException) -> bool:
+    """The call failed because the worker went away (or its channel was closed), not because of the request."""
+    if isinstance(e, grpc.aio.AioRpcError):
+        return e.code() in WORKER_GONE
+    return isinstance(e, grpc.aio.UsageError)
+
+
+async def abort(worker: WorkerHandle, engine_ids: list[str]) -> None:
+    try:
+        await worker.stub.Abort(worker_pb2.AbortRequest(request_ids=engine_ids), timeout=ABORT_TIMEOUT_S)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+        # A worker that is gone holds nothing; one that is alive frees the KV when its lease expires.
+        log.debug("abort %s on worker %s: %s", engine_ids, worker.worker_id, e)

@@ -1,0 +1,190 @@
+"""The router process: a grpc.aio server for tandem.v1.Generation and tandem.v1.Cluster, plus health and reflection.
+
+Routers keep no state that other routers need: any number can run against one registry.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import OVERALL_HEALTH
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from router.admission import Admission
+from router.config import RouterConfig
+from router.convert import generate_input_from_proto, new_request_id, prompt_from_tokenize_request
+from router.errors import RouterError
+from router.model import ServedModel
+from router.pool import WorkerPool
+from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
+from tandem.v1 import generation_pb2 as pb
+from tandem.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+CLUSTER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Trailing metadata that names the request on a call ended by an error status (responses carry it otherwise).
+REQUEST_ID_KEY = "request-id"
+
+
+class Router:
+    """Lifecycle: `address = await start()`, `await wait_ready(timeout_s)`, ..., `await stop(grace_s)`.
+
+    `model` skips loading the tokenizer (tests share one); by default it is loaded from `config.model` in start().
+    """
+
+    def __init__(self, config: RouterConfig, model: ServedModel | None = None):
+        self.config = config
+        self.model = model
+        self.address: str | None = None
+        self.draining = False
+        self.pool: WorkerPool | None = None
+        self.admission = Admission(config.pools, config.max_queued_requests)
+        self.services: RouterServices | None = None
+        self.num_active = 0
+        self._server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._serving: bool | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> str:
+        """Load the tokenizer, bind, serve, and poll the registry once; returns the "host:port" listened on."""
+        config = self.config
+        if self.model is None:
+            self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
+        self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
+        self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn)
+        # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
+        worker_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, CLUSTER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        await self._health.set(CLUSTER_SERVICE, SERVING)
+        self._update_health()
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        port = server.add_insecure_port(f"{host}:{config.port}")
+        if port == 0:
+            raise RuntimeError(f"port: could not bind {host}:{config.port}")
+        await self.pool.start()
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{port}"
+        log.info("router serving %s (%s) on %s; registry %s", self.model.name, config.mode, self.address,
+                 config.registry_address)
+        return self.address
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until every pool has a live worker with stats; TimeoutError naming the empty pools otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while not self.pool.is_ready():
+            if time.monotonic() >= deadline:
+                empty = [p for p in self.config.pools if not self.pool.num_live(p)]
+                raise TimeoutError(f"router: no live worker in the {', '.join(empty)} pool after {timeout_s} s")
+            await asyncio.sleep(0.02)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new requests (UNAVAILABLE), let running ones finish for up to `grace_s`
+        (config.drain_timeout_s by default), cancel the rest (their workers get Abort), then stop."""
+        if self._server is None:
+            return
+        grace_s = self.config.drain_timeout_s if grace_s is None else grace_s
+        self.draining = True
+        await self._health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace_s
+        while self.num_active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self._server.stop(grace=None)
+        self._server = None
+        # Cancelled handlers clean up (spawning their Aborts) when they next run.
+        deadline = time.monotonic() + 1.0
+        while self.num_active and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=ABORT_TIMEOUT_S)
+        await self.pool.close()
+        log.info("router on %s stopped", self.address)
+
+    def _spawn(self, coro: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _update_health(self) -> None:
+        serving = not self.draining and self.pool is not None and self.pool.is_ready()
+        if serving != self._serving:
+            self._serving = serving
+            status = SERVING if serving else NOT_SERVING
+            for service in (OVERALL_HEALTH, GENERATION_SERVICE):
+                self._spawn(self._health.set(service, status))
+
+
+async def _abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                      request_id: str | None = None) -> None:
+    if request_id:
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    await context.abort(code, message)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        arrival = time.perf_counter()
+        router = self.router
+        request_id = request.request_id or new_request_id()
+        router.num_active += 1
+        try:
+            if router.draining:
+                raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
+            inp = generate_input_from_proto(request, request_id, router.model)
+            await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival).run()
+        except RouterError as e:
+            await _abort_with(context, e.code, e.message, request_id)
+        except Exception as e:  # a bug: this request fails, the router keeps serving
+            log.exception("%s: unexpected error", request_id)
+            await _abort_with(context, grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}", request_id)
+        finally:
+            router.num_active -= 1
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext):
+        router = self.router
+        card = pb.ModelCard(id=router.model.name, max_model_len=router.pool.max_model_len() or 0, owned_by="tandem")
+        return pb.ListModelsResponse(models=[card])
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
+        router = self.router
+        try:
+            ids = prompt_from_tokenize_request(request, router.model)
+        except RouterError as e:
+            await _abort_with(context, e.code, e.message)
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=router.pool.max_model_len() or 0)
+
+
+class ClusterServicer(worker_pb2_grpc.ClusterServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    async def GetStatus(self, request: worker_pb2.GetStatusRequest, context: grpc.aio.ServicerContext):
+        router = self.router
+        pool, config = router.pool, router.config
+        pools = [
+            worker_pb2.PoolStatus(role=name, num_workers=pool.num_live(name),
+                                  num_queued=router.admission.num_queued(name), max_queued=config.max_queued_requests)
+            for name in config.pools
+        ]
+        workers = [w.stats if w.stats is not None else worker_pb2.WorkerStats(info=w.info)
+                   for w in pool.workers.values()]
+        return worker_pb2.ClusterStatus(mode=config.mode, pools=pools, workers=workers,
+                                        registry_address=config.registry_address)

@@ -1,0 +1,27 @@
+"""KV-cache transports: how a prefill worker's KV payload reaches a decode worker, straight between the two.
+
+    transport = make_kv_transport("tcp")
+    endpoint = transport.start()                    # sender: serve, and tell the router this endpoint
+    transport.offer(transfer_id, payload)
+    payload = other.fetch(endpoint, transfer_id, timeout_s=10.0)   # receiver, in the decode worker
+
+"tcp" works anywhere; "shm" (same host only: it moves the bytes through /dev/shm and uses tcp for the header
+and the ack) is about twice as fast end to end on one host. A shm receiver can fetch from a tcp sender, not
+the other way round.
+"""
+from workers.kv_transfer.base import KVTransferError, KVTransport
+from workers.kv_transfer.shm import ShmKVTransport
+from workers.kv_transfer.tcp import TcpKVTransport
+
+_TRANSPORTS: dict[str, type[KVTransport]] = {TcpKVTransport.name: TcpKVTransport, ShmKVTransport.name: ShmKVTransport}
+KV_TRANSPORTS: tuple[str, ...] = tuple(_TRANSPORTS)
+
+
+def make_kv_transport(name: str) -> KVTransport:
+    """A new, not yet started transport of the kind `name` (one of KV_TRANSPORTS)."""
+    if name not in _TRANSPORTS:
+        raise ValueError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
+    return _TRANSPORTS[name]()
+
+
+__all__ = ["KVTransferError", "KVTransport", "KV_TRANSPORTS", "ShmKVTransport", "TcpKVTransport", "make_kv_transport"]

@@ -1,0 +1,128 @@
+"""The KV transport contract: how a prefill worker hands a request's KV cache straight to a decode worker.
+
+The sender (prefill side) stages a payload under a transfer id with `offer`; the receiver (decode side), told the
+sender's endpoint and the id by the router, pulls it with `fetch`. The receiver acknowledges once it holds every
+byte; only then does the sender drop the payload and call `on_fetched`. A transfer is delivered at most once.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from workers.kv.handoff import KVPayload
+
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+class KVTransferError(RuntimeError):
+    """A transfer failed. The message names the transfer id, the endpoint and what went wrong."""
+
+
+class KVTransport(ABC):
+    """One object per process (per TP rank), used from any thread.
+
+    Sender side: `start` once, then `offer` / `withdraw`; `on_fetched(transfer_id)` is called from a transport
+    thread once a receiver has acknowledged a complete transfer. Receiver side: `fetch`, which needs no `start`.
+    `close` stops serving and drops what is staged; a transport is not restarted after `close`.
+    """
+
+    name: str
+
+    def __init__(self) -> None:
+        self.on_fetched: Callable[[str], None] | None = None
+        self._stats = TransferStats()
+
+    @abstractmethod
+    def start(self, host: str = "127.0.0.1") -> str:
+        """Start serving on `host` (port picked by the OS); return this side's endpoint, e.g. "127.0.0.1:40123"."""
+
+    @property
+    @abstractmethod
+    def endpoint(self) -> str | None:
+        """What `start` returned; None before it (and after `close`)."""
+
+    @abstractmethod
+    def offer(self, transfer_id: str, payload: KVPayload) -> None:
+        """Stage `payload` to be fetched once. A CUDA kv tensor is copied to host memory here.
+
+        Raises ValueError if `transfer_id` is already staged, KVTransferError if the transport is not serving.
+        """
+
+    @abstractmethod
+    def withdraw(self, transfer_id: str) -> bool:
+        """Drop a staged payload (cancel, lease expiry). True if it was still staged, even mid-transfer: a
+        receiver then gets KVTransferError instead of the payload."""
+
+    @abstractmethod
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float) -> KVPayload:
+        """Pull a staged payload from `endpoint`, acknowledge it and return it with a CPU kv tensor.
+
+        Raises KVTransferError for an unknown, withdrawn or already fetched id, a refused or broken connection,
+        or when `timeout_s` runs out; it never blocks longer than `timeout_s`.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop serving, drop staged payloads and release sockets and buffers. Idempotent."""
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """A snapshot of the counters: transfers_sent, bytes_sent (acknowledged transfers), transfers_received,
+        bytes_received, seconds_receiving (successful fetches)."""
+        return self._stats.snapshot()
+
+    @staticmethod
+    @abstractmethod
+    def measure_raw_bandwidth(nbytes: int = 64 << 20, repeats: int = 3) -> float:
+        """Bytes/s of this transport's raw data path on this host (the copies a transfer makes, with no protocol,
+        framing or allocation): the yardstick for what offer + fetch achieve. Best of `repeats`."""
+
+
+class TransferStats:
+    """Thread-safe counters behind `KVTransport.stats`."""
+
+    FIELDS = ("transfers_sent", "bytes_sent", "transfers_received", "bytes_received", "seconds_receiving")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = dict.fromkeys(self.FIELDS, 0)
+
+    def add_sent(self, num_bytes: int) -> None:
+        with self._lock:
+            self._values["transfers_sent"] += 1
+            self._values["bytes_sent"] += num_bytes
+
+    def add_received(self, num_bytes: int, seconds: float) -> None:
+        with self._lock:
+            self._values["transfers_received"] += 1
+            self._values["bytes_received"] += num_bytes
+            self._values["seconds_receiving"] += seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._values)
+
+
+def empty_host_bytes(num_bytes: int) -> torch.Tensor:
+    """An uninitialised uint8 CPU tensor for receiving into, backed by huge pages where the kernel allows.
+
+    A received payload lands in fresh memory, and first-touch page faults dominate a large receive: on the dev
+    VM, 4 KiB pages fill at ~2.7 GiB/s, transparent huge pages at ~12 GiB/s. The kernel's THP setting is usually
+    "madvise" and torch's allocator does not advise, so map the memory ourselves. (With THP defrag also at
+    "madvise", a host with fragmented memory may compact on these faults.) The tensor keeps the mapping alive; it
+    is unmapped when the tensor is freed, never explicitly: torch.frombuffer does not pin the buffer.
+    """
+    if num_bytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(num_bytes, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy (works for bfloat16, which numpy lacks)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
