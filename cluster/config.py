@@ -55,6 +55,11 @@ class ClusterConfig:
                 f"({self.prefill_tensor_parallel_size}) for now, got {self.decode_tensor_parallel_size}: KV moves from "
                 "prefill rank i to decode rank i"
             )
+        for name in ("prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
+            if getattr(self, name) != 1:
+                # The engine runs TP > 1 offline (LLM(tensor_parallel_size=N)); in the cluster, ranks as Ray actors
+                # with per-rank KV transfer are not built yet.
+                raise ValueError(f"{name}: the cluster runs only 1 for now (TP > 1 works offline), got {getattr(self, name)}")
         if "tensor_parallel_size" in self.engine or "role" in self.engine:
             raise ValueError("engine: set tensor_parallel_size and role through the pool options, not engine options")
 

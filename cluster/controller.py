@@ -130,8 +130,6 @@ class Controller:
 
     def _launch(self, role: str, tp: int) -> _Worker:
         cfg = self.config
-        if tp != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 in the cluster: not built yet")
         bundle = {"CPU": cfg.num_cpus_per_rank}
         if cfg.num_gpus_per_rank:
             bundle["GPU"] = cfg.num_gpus_per_rank

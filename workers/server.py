@@ -77,8 +77,9 @@ class _Lease:
 class EngineLoop:
     """Owns the engine: every engine call happens on this thread."""
 
-    def __init__(self, engine: LLMEngine, kv_lease_s: float):
+    def __init__(self, engine: LLMEngine, kv_lease_s: float, torch_threads: int | None = None):
         self.engine = engine
+        self.torch_threads = torch_threads
         self.kv_lease_s = kv_lease_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._listeners: dict[str, Callable[[TokenEvent], None]] = {}
@@ -115,6 +116,11 @@ class EngineLoop:
     # --- the loop (engine thread) ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.torch_threads:
+            # OpenMP's thread count is per calling thread: a new thread starts from OMP_NUM_THREADS (Ray sets
+            # it to 1 in actors), whatever the thread that built the engine asked for.
+            import torch
+            torch.set_num_threads(self.torch_threads)
         try:
             while not self._stop:
                 busy = self.engine.has_unfinished_requests()
@@ -221,7 +227,7 @@ class WorkerServer:
         options["role"] = config.role
         self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
         self.transport = make_kv_transport(config.kv_transport)
-        self.loop = EngineLoop(self.engine, config.kv_lease_s)
+        self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
         self.loop.on_lease_expired = self.transport.withdraw
         self.transport.on_fetched = self._on_fetched

@@ -1,0 +1,27 @@
+"""ClusterConfig rejects what the cluster cannot run, naming the field and the allowed values."""
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ClusterConfig
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(mode="pipelined"), "mode"),
+    (dict(kv_transport="rdma"), "kv_transport"),
+    (dict(num_decode_workers=-1), "num_decode_workers"),
+    (dict(prefill_tensor_parallel_size=2), "decode_tensor_parallel_size"),
+    (dict(prefill_tensor_parallel_size=2, decode_tensor_parallel_size=2), "prefill_tensor_parallel_size"),
+    (dict(engine={"role": "decode"}), "engine"),
+])
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        ClusterConfig(**kwargs)
+
+
+def test_pools_and_transport():
+    assert ClusterConfig().pools() == [("prefill", 1, 1), ("decode", 1, 1)]
+    assert ClusterConfig(mode="colocated", num_colocated_workers=2).pools() == [("both", 2, 1)]
+    assert ClusterConfig().resolved_kv_transport == "shm"
+    assert ClusterConfig(ray_address="auto").resolved_kv_transport == "tcp"
+    assert ClusterConfig(ray_address="auto", kv_transport="shm").resolved_kv_transport == "shm"
