@@ -78,6 +78,8 @@ class Controller:
         self._monitor: threading.Thread | None = None
         self._started_ray = False
         self.num_replaced = 0
+        self.replace_backoff_s = 10.0
+        self._backoff_until: dict[str, float] = {}
 
     @property
     def registry_address(self) -> str | None:
@@ -194,16 +196,32 @@ class Controller:
                 except Exception as e:  # noqa: BLE001 - any failure to answer counts as dead
                     log.warning("worker %s (%s) failed its health check: %s; replacing it", worker_id, w.role, e)
                 self._forget(w)
-                threading.Thread(target=self._replace, args=(w.role, w.tp_size), daemon=True).start()
+            try:
+                self._reconcile()
+            except Exception:  # noqa: BLE001 - keep watching; the next round tries again
+                log.exception("could not launch replacement workers")
 
-    def _replace(self, role: str, tp: int) -> None:
+    def _reconcile(self) -> None:
+        """Start a replacement for every worker a pool is short of (dead, or a replacement that failed to start).
+        A pool whose last start failed waits `replace_backoff_s` before trying again."""
+        now = time.monotonic()
+        for role, n, tp in self.config.pools():
+            with self._lock:
+                have = sum(w.role == role for w in self._workers.values())
+            if have >= n or now < self._backoff_until.get(role, 0.0):
+                continue
+            for _ in range(n - have):
+                w = self._launch(role, tp)
+                threading.Thread(target=self._replace, args=(w,), daemon=True).start()
+
+    def _replace(self, w: _Worker) -> None:
         try:
-            w = self._launch(role, tp)
             self._await_ready(w)
             self.num_replaced += 1
-            log.info("replacement %s worker %s ready at %s", role, w.worker_id, w.info.address)
-        except Exception:  # noqa: BLE001 - the next health round sees the pool short; log and go on
-            log.exception("could not replace a %s worker", role)
+            log.info("replacement %s worker %s ready at %s", w.role, w.worker_id, w.info.address)
+        except Exception:  # noqa: BLE001 - the pool stays short; _reconcile tries again after the backoff
+            log.exception("could not start a replacement %s worker", w.role)
+            self._backoff_until[w.role] = time.monotonic() + self.replace_backoff_s
 
     def workers(self) -> list[wpb.WorkerInfo]:
         return self.registry.workers()
