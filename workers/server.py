@@ -18,7 +18,6 @@ import concurrent.futures
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -27,7 +26,6 @@ from typing import Callable
 
 import grpc
 
-from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.config import EngineConfig
@@ -85,10 +83,10 @@ class EngineLoop:
         self._listeners: dict[str, Callable[[TokenEvent], None]] = {}
         self.leases: dict[str, _Lease] = {}  # by transfer id
         self._lease_by_req: dict[str, str] = {}
-        # Set by the server: stage a prefilled request's KV (returns transfer id, bytes), and withdraw a staged
-        # transfer whose lease expired.
+        # Set by the server: stage a prefilled request's KV (returns transfer id, bytes), and drop a staged
+        # transfer from the transport (a no-op once the decode side has fetched it).
         self.on_prefilled: Callable[[str], tuple[str, int] | None] | None = None
-        self.on_lease_expired: Callable[[str], None] | None = None
+        self.withdraw: Callable[[str], object] | None = None
         self.num_leases_expired = 0
         self.snapshot = self._snapshot()
         self._stop = False
@@ -172,10 +170,13 @@ class EngineLoop:
             self._listeners.pop(event.req_id, None)
 
     def release_lease(self, transfer_id: str) -> _Lease | None:
-        """Engine thread: free the blocks held for a transfer (fetched, aborted or expired)."""
+        """Engine thread: free the blocks held for a transfer (fetched, aborted or expired) and drop its
+        staged payload."""
         lease = self.leases.pop(transfer_id, None)
         if lease is not None:
             self._lease_by_req.pop(lease.req_id, None)
+            if self.withdraw is not None:
+                self.withdraw(transfer_id)
             self.engine.abort_request(lease.req_id)
         return lease
 
@@ -190,11 +191,10 @@ class EngineLoop:
             if lease.expires <= now:
                 log.warning("KV lease of %s expired after %.1f s; releasing its blocks", lease.req_id, self.kv_lease_s)
                 self.num_leases_expired += 1
-                if self.on_lease_expired is not None:
-                    self.on_lease_expired(tid)
                 self.release_lease(tid)
 
     def _snapshot(self) -> dict:
+        """The engine's share of WorkerStats, by field name; taken on this thread, read from any."""
         engine = self.engine
         stats = engine.stats()
         waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in engine.scheduler.waiting)
@@ -205,12 +205,6 @@ class EngineLoop:
             prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
         )
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class WorkerServer:
@@ -229,7 +223,7 @@ class WorkerServer:
         self.transport = make_kv_transport(config.kv_transport)
         self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
-        self.loop.on_lease_expired = self.transport.withdraw
+        self.loop.withdraw = self.transport.withdraw
         self.transport.on_fetched = self._on_fetched
         self.kv_transfers = 0
         self.kv_transfer_bytes = 0
@@ -245,16 +239,16 @@ class WorkerServer:
     def start(self) -> wpb.WorkerInfo:
         host = self.config.host
         kv_endpoint = self.transport.start(host)
-        port = self.config.port or _free_port(host)
         ready = threading.Event()
         failure: list[BaseException] = []
+        bound: list[int] = []
 
         def run():
             loop = asyncio.new_event_loop()
             self._aio_loop = loop
             asyncio.set_event_loop(loop)
             try:
-                loop.run_until_complete(self._serve(host, port))
+                bound.append(loop.run_until_complete(self._serve(host, self.config.port)))
             except BaseException as e:  # noqa: BLE001
                 failure.append(e)
                 ready.set()
@@ -267,6 +261,9 @@ class WorkerServer:
         ready.wait(timeout=60)
         if failure:
             raise failure[0]
+        if not bound:
+            raise TimeoutError(f"worker {self.worker_id}: its gRPC server did not start within 60 s")
+        port = bound[0]
         self.info = wpb.WorkerInfo(
             worker_id=self.worker_id, role=self.config.role, address=f"{host}:{port}",
             model=self.engine.model_name, max_model_len=self.engine.max_model_len,
@@ -278,11 +275,15 @@ class WorkerServer:
                  port, self.transport.name, kv_endpoint)
         return self.info
 
-    async def _serve(self, host: str, port: int) -> None:
+    async def _serve(self, host: str, port: int) -> int:
+        """Start the gRPC server; returns the port it bound (port 0: one the OS picked)."""
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
         worker_pb2_grpc.add_WorkerServicer_to_server(_Servicer(self), self._server)
-        self._server.add_insecure_port(f"{host}:{port}")
+        bound = self._server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"port: cannot listen on {host}:{port}")
         await self._server.start()
+        return bound
 
     def stop(self) -> None:
         if self._aio_loop is not None and self._server is not None:
@@ -313,14 +314,8 @@ class WorkerServer:
         self.loop.call(lambda engine: self.loop.release_lease(transfer_id))
 
     def stats(self) -> wpb.WorkerStats:
-        s = self.loop.snapshot
         return wpb.WorkerStats(
-            info=self.info, num_running=s["num_running"], num_waiting=s["num_waiting"],
-            num_waiting_tokens=s["num_waiting_tokens"], num_kv_held=s["num_kv_held"], num_blocks=s["num_blocks"],
-            num_free_blocks=s["num_free_blocks"], num_used_blocks=s["num_used_blocks"],
-            kv_cache_usage=s["kv_cache_usage"], prefix_cache_queries=s["prefix_cache_queries"],
-            prefix_cache_hits=s["prefix_cache_hits"], num_preemptions=s["num_preemptions"],
-            kv_transfers=self.kv_transfers, kv_transfer_bytes=self.kv_transfer_bytes,
+            info=self.info, **self.loop.snapshot, kv_transfers=self.kv_transfers, kv_transfer_bytes=self.kv_transfer_bytes,
             kv_transfer_seconds=self.kv_transfer_seconds, kv_leases_expired=self.loop.num_leases_expired,
         )
 
@@ -382,7 +377,6 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         def abort(engine):
             tid = self.loop.lease_of(req_id)
             if tid is not None:
-                self.w.transport.withdraw(tid)
                 self.loop.release_lease(tid)
             return engine.abort_request(req_id) is not None or tid is not None
 
@@ -408,7 +402,9 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
             if isinstance(event.stop_reason, int):
                 resp.stop_token_id = event.stop_reason
             if not event.finished:
-                tid = await self._engine(lambda e: self.loop.lease_of(req.request_id))
+                # The engine thread registered the lease before it handed over this event; reading it here
+                # spares a wait for the engine's next step on every prefill's path to the first token.
+                tid = self.loop.lease_of(req.request_id)
                 lease = self.loop.leases.get(tid) if tid else None
                 if lease is None:
                     await context.abort(grpc.StatusCode.INTERNAL, f"request_id: {req.request_id!r}: KV was not staged")
