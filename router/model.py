@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from workers.model.loader import load_model_config, resolve_model
-from workers.tokenizer import load_tokenizer
+from workers.tokenizer import encode_chat, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,13 @@ class ServedModel:
         return self._require_tokenizer().encode(text, add_special_tokens=True)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render with the chat template (with the generation prompt), as workers.llm.LLM.apply_chat_template."""
+        """Render with the chat template (with the generation prompt), as workers.llm.LLM.apply_chat_template does."""
         tok = self._require_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"input: model {self.name!r} has no chat template; send text or token_ids")
         if not messages:
             raise ValueError("input: chat has no messages")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template writes any BOS itself.
-        return tok.encode(text, add_special_tokens=False)
+        return encode_chat(tok, messages)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

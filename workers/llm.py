@@ -7,6 +7,7 @@ from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.outputs import RequestOutput
 from workers.sampling_params import SamplingParams
+from workers.tokenizer import encode_chat
 
 Prompt = str | list[int]
 
@@ -65,9 +66,7 @@ class LLM:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: must be a dict with 'role' and 'content'")
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-        # The template writes any BOS itself.
-        return tok.encode(text, add_special_tokens=False)
+        return encode_chat(tok, messages, add_generation_prompt)
 
     def _run(self, results: dict[str, RequestOutput], order: list[str]) -> list[RequestOutput]:
         pending = set(order)

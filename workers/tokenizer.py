@@ -24,3 +24,10 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
             "save one there with tokenizer.save_pretrained(folder)"
         )
     return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template (callers check it has one)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # The template writes any BOS itself.
+    return tokenizer.encode(text, add_special_tokens=False)
