@@ -40,8 +40,6 @@ import torch  # noqa: E402
 from benchmarks.bench_engine import exact_len_params, make_workload, random_prompt  # noqa: E402
 from tandem.v1 import generation_pb2 as pb  # noqa: E402
 from tandem.v1 import generation_pb2_grpc  # noqa: E402
-from tandem.v1 import worker_pb2 as wpb  # noqa: E402
-from tandem.v1 import worker_pb2_grpc  # noqa: E402
 from workers import LLM  # noqa: E402
 from workers.kv_transfer import make_kv_transport  # noqa: E402
 
@@ -125,14 +123,6 @@ async def cluster_ttft(address: str, prompts: list[list[int]]) -> tuple[list[flo
     return out, timings
 
 
-def worker_stats(controller) -> list[wpb.WorkerStats]:
-    stats = []
-    for info in controller.workers():
-        with grpc.insecure_channel(info.address) as ch:
-            stats.append(worker_pb2_grpc.WorkerStub(ch).GetStats(wpb.GetStatsRequest(), timeout=10))
-    return stats
-
-
 def run_cluster(mode: str, args, workload, ttft_prompts, engine_opts) -> dict:
     from cluster.config import ClusterConfig
     from cluster.controller import Controller
@@ -154,10 +144,10 @@ def run_cluster(mode: str, args, workload, ttft_prompts, engine_opts) -> dict:
         run(router.wait_ready(timeout_s=60))
         print(f"[bench] {mode}: warm-up", file=sys.stderr)
         run(cluster_throughput(address, workload[:4]))
-        before = worker_stats(controller)
+        before = controller.worker_stats()
         print(f"[bench] {mode}: workload ({len(workload)} requests)", file=sys.stderr)
         result = {"throughput": run(cluster_throughput(address, workload))}
-        after = worker_stats(controller)
+        after = controller.worker_stats()
         moved = sum(s.kv_transfer_bytes for s in after) - sum(s.kv_transfer_bytes for s in before)
         seconds = sum(s.kv_transfer_seconds for s in after) - sum(s.kv_transfer_seconds for s in before)
         count = sum(s.kv_transfers for s in after) - sum(s.kv_transfers for s in before)

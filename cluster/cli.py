@@ -60,8 +60,6 @@ def _up(args) -> int:
 
     engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens),
                                 ("kv_cache_memory_bytes", args.kv_cache_memory_bytes)) if v is not None}
-    if args.model:
-        engine["model"] = args.model
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"
     try:

@@ -60,8 +60,14 @@ class ClusterConfig:
                 # The engine runs TP > 1 offline (LLM(tensor_parallel_size=N)); in the cluster, ranks as Ray actors
                 # with per-rank KV transfer are not built yet.
                 raise ValueError(f"{name}: the cluster runs only 1 for now (TP > 1 works offline), got {getattr(self, name)}")
-        if "tensor_parallel_size" in self.engine or "role" in self.engine:
-            raise ValueError("engine: set tensor_parallel_size and role through the pool options, not engine options")
+        if {"model", "tensor_parallel_size", "role"} & set(self.engine):
+            raise ValueError("engine: set model, tensor_parallel_size and role through the cluster options, "
+                             "not engine options")
+
+    @property
+    def engine_options(self) -> dict:
+        """What every worker's LLMEngine gets: the engine options plus the model."""
+        return {**self.engine, "model": self.model} if self.model is not None else dict(self.engine)
 
     @property
     def resolved_kv_transport(self) -> str:

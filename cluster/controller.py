@@ -7,6 +7,7 @@ through the registry and talk to it over gRPC, never through Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util import get_node_ip_address, placement_group, remove_placement_group
@@ -22,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import ClusterConfig
 from cluster.registry import WorkerRegistry
 from tandem.v1 import worker_pb2 as wpb
+from tandem.v1 import worker_pb2_grpc
 from workers.server import WorkerConfig, WorkerServer
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ class WorkerActor:
 
     def start(self) -> bytes:
         host = self.config.host or get_node_ip_address()
-        self.server = WorkerServer(WorkerConfig(**{**self.config.__dict__, "host": host}))
+        self.server = WorkerServer(dataclasses.replace(self.config, host=host))
         return self.server.start().SerializeToString()
 
     def ping(self) -> bool:
@@ -138,7 +141,7 @@ class Controller:
         worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
         pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=f"tandem-{worker_id}")
         wcfg = WorkerConfig(
-            role=role, engine=dict(cfg.engine), host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
+            role=role, engine=cfg.engine_options, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
             worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
             torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)),
         )
@@ -225,3 +228,11 @@ class Controller:
 
     def workers(self) -> list[wpb.WorkerInfo]:
         return self.registry.workers()
+
+    def worker_stats(self, timeout_s: float = 10.0) -> list[wpb.WorkerStats]:
+        """Every registered worker's GetStats, asked over gRPC as a router would."""
+        stats = []
+        for info in self.registry.workers():
+            with grpc.insecure_channel(info.address) as channel:
+                stats.append(worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=timeout_s))
+        return stats

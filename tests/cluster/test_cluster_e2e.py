@@ -15,7 +15,6 @@ import pytest
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
-from tandem.v1 import worker_pb2_grpc
 from tests.workers.prompts import CHAT_PROMPTS, RAW_PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -107,18 +106,10 @@ def _greedy(max_tokens, **kw):
     return pb.SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
 
 
-def _worker_stats(controller) -> list[wpb.WorkerStats]:
-    out = []
-    for info in controller.workers():
-        with grpc.insecure_channel(info.address) as ch:
-            out.append(worker_pb2_grpc.WorkerStub(ch).GetStats(wpb.GetStatsRequest(), timeout=10))
-    return out
-
-
 def _wait_all_free(controller, timeout=30) -> list[wpb.WorkerStats]:
     deadline = time.monotonic() + timeout
     while True:
-        stats = _worker_stats(controller)
+        stats = controller.worker_stats()
         if all(s.num_used_blocks == 0 and s.num_kv_held == 0 and s.num_running == 0 for s in stats):
             return stats
         if time.monotonic() > deadline:
@@ -148,7 +139,7 @@ def test_greedy_matches_offline_engine(cluster, stub, offline):
     tokens, _, _ = _generate(stub, pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=_greedy(24)))
     assert tokens == offline.generate([ids], params)[0].token_ids
     # Prefill and decode both served: the decode side received KV over the transport.
-    stats = _worker_stats(cluster[0])
+    stats = cluster[0].worker_stats()
     assert sum(s.kv_transfers for s in stats if s.info.role == "decode") >= len(RAW_PROMPTS) + 2
 
 
@@ -244,7 +235,7 @@ def test_cancelled_stream_frees_blocks_on_both_workers(cluster, stub):
         seen += len(resp.chunk.token_ids)
         if seen >= 3:
             break
-    busy = _worker_stats(controller)
+    busy = controller.worker_stats()
     assert sum(s.num_used_blocks for s in busy if s.info.role == "decode") > 0
     call.cancel()
     stats = _wait_all_free(controller)
@@ -269,7 +260,7 @@ def test_decode_worker_killed_mid_stream_migrates(cluster, stub, offline):
             tokens += resp.chunk.token_ids
             text += resp.chunk.text
             if killed is None and len(tokens) >= 8:
-                busy = [s for s in _worker_stats(controller) if s.info.role == "decode" and s.num_running > 0]
+                busy = [s for s in controller.worker_stats() if s.info.role == "decode" and s.num_running > 0]
                 assert len(busy) == 1
                 killed = busy[0].info
                 os.kill(killed.pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from cluster.config import ClusterConfig
     (dict(prefill_tensor_parallel_size=2), "decode_tensor_parallel_size"),
     (dict(prefill_tensor_parallel_size=2, decode_tensor_parallel_size=2), "prefill_tensor_parallel_size"),
     (dict(engine={"role": "decode"}), "engine"),
+    (dict(engine={"model": "x.gguf"}), "engine"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -22,6 +23,8 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_pools_and_transport():
     assert ClusterConfig().pools() == [("prefill", 1, 1), ("decode", 1, 1)]
     assert ClusterConfig(mode="colocated", num_colocated_workers=2).pools() == [("both", 2, 1)]
+    assert ClusterConfig(model="m.gguf", engine={"max_num_seqs": 8}).engine_options == {"max_num_seqs": 8, "model": "m.gguf"}
+    assert ClusterConfig(engine={"max_num_seqs": 8}).engine_options == {"max_num_seqs": 8}
     assert ClusterConfig().resolved_kv_transport == "shm"
     assert ClusterConfig(ray_address="auto").resolved_kv_transport == "tcp"
     assert ClusterConfig(ray_address="auto", kv_transport="shm").resolved_kv_transport == "shm"
