@@ -21,7 +21,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -70,7 +70,8 @@ class GenerateCall:
 
     def __init__(self, services: RouterServices, inp: GenerateInput,
                  send: Callable[[pb.GenerateResponse], Awaitable[None]],
-                 time_remaining: Callable[[], float | None], arrival: float):
+                 time_remaining: Callable[[], float | None], arrival: float, *,
+                 operation: str = "text_completion", trace_carrier: Mapping[str, str] | None = None):
         self.s = services
         self.request_id = inp.request_id
         self.prompt = inp.prompt_token_ids
@@ -79,6 +80,10 @@ class GenerateCall:
         self.send = send
         self.time_remaining = time_remaining
         self.arrival = arrival
+        # gen_ai.operation.name for metrics and spans: "text_completion" or "chat".
+        self.operation = operation
+        # The caller's W3C trace context (gRPC metadata or HTTP headers: "traceparent", "tracestate").
+        self.trace_carrier = trace_carrier
         self.sampling = sampling_params_to_proto(inp.params, with_stop_strings=False)
         self.detok = IncrementalDetokenizer(services.model.decoder, self.prompt, inp.params)
         self.output_ids: list[int] = []

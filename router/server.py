@@ -22,6 +22,7 @@ from router.errors import RouterError
 from router.model import ServedModel
 from router.pool import WorkerPool
 from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
+from tandem.telemetry import Telemetry
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -42,9 +43,10 @@ class Router:
     `model` skips loading the tokenizer (tests share one); by default it is loaded from `config.model` in start().
     """
 
-    def __init__(self, config: RouterConfig, model: ServedModel | None = None):
+    def __init__(self, config: RouterConfig, model: ServedModel | None = None, telemetry: Telemetry | None = None):
         self.config = config
         self.model = model
+        self.telemetry = telemetry if telemetry is not None else Telemetry("tandem-router")
         self.address: str | None = None
         self.draining = False
         self.pool: WorkerPool | None = None
