@@ -14,9 +14,15 @@ Failures that leave the client's stream intact:
 Invariant: when the request ends in any way, every worker call it started that the worker neither finished nor
 refused is cancelled and Abort is sent to that worker (unknown ids are ignored there), so no KV stays held for a
 request that is gone: not after a cancellation, a deadline, a stop string or a failure elsewhere.
+
+Telemetry: one trace per request. The `router` span (SERVER; a child of the caller's `traceparent` when it sends
+one) covers arrival to the last message; `queue` covers arrival to the first dispatch. Prefill and Decode calls
+carry the router span's context in their metadata, so the workers' `prefill`, `kv_transfer` and `decode` spans are
+its children. The GenAI metrics (router/metrics.py) are recorded at the first token and at the end.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -25,17 +31,21 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from router.admission import Admission
 from router.config import RouterConfig
 from router.convert import GenerateInput
 from router.errors import RouterError
+from router.metrics import RouterMetrics, genai_attributes
 from router.model import ServedModel
 from router.pool import WorkerHandle, WorkerPool
+from tandem.telemetry import Telemetry, epoch_ns_from_perf_counter, extract, inject
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import worker_pb2
 from workers.detokenizer import IncrementalDetokenizer
-from workers.wire import sampling_params_to_proto
+from workers.wire import FINISH_REASON_NAMES, sampling_params_to_proto
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,8 @@ class RouterServices:
     admission: Admission
     # Runs a coroutine in the background, outliving the request (aborts after a cancellation).
     spawn: Callable[[Coroutine], None]
+    # The router process's tracer and meter; None: no spans or metrics.
+    telemetry: Telemetry | None = None
 
 
 class _Outcome(enum.Enum):
@@ -104,12 +116,37 @@ class GenerateCall:
         self.prefill_ms = 0.0
         self.kv_transfer_ms = 0.0
         self.num_migrations = 0
+        self.finish_reason = UNFINISHED
+        telemetry = services.telemetry
+        self.tracer = telemetry.tracer if telemetry is not None else trace.NoOpTracer()
+        self.metrics = telemetry.instruments(RouterMetrics) if telemetry is not None else None
+        self.attrs = genai_attributes(operation, services.model.name)
+        self.span: Span = INVALID_SPAN  # the request's `router` span, from run()
+        self._trace_metadata: tuple[tuple[str, str], ...] = ()  # its context, for the worker calls
 
     async def run(self) -> None:
+        self._start_trace()
+        if self.metrics is not None:
+            self.metrics.inflight_requests.add(1, self.attrs)
+            # A zero makes the series exist before the first migration, so rate() and dashboards see it.
+            self.metrics.migrations.add(0, self.attrs)
+        error_type = error_message = None
         try:
             await self._run()
+        except RouterError as e:
+            error_type, error_message = e.code.name, e.message
+            raise
+        except asyncio.CancelledError:
+            error_type, error_message = grpc.StatusCode.CANCELLED.name, "cancelled by the client"
+            raise
+        except Exception as e:
+            # The servicer turns it into INTERNAL.
+            error_type, error_message = grpc.StatusCode.INTERNAL.name, f"{type(e).__name__}: {e}"
+            self.span.record_exception(e)
+            raise
         finally:
             self._cleanup()
+            self._record_end(error_type, error_message)
 
     # --- the path ---------------------------------------------------------------------------------------------
 
@@ -131,6 +168,9 @@ class GenerateCall:
             )
         self.s.admission.admit(pools)
         self._queued.update(pools)
+        if self.metrics is not None:
+            for name in pools:
+                self.metrics.queued_requests.add(1, {"pool": name})
 
         decode_worker = None
         if not local and config.max_local_prefill_length > 0:
@@ -170,7 +210,7 @@ class GenerateCall:
             ticket = self._dispatch(worker, engine_id, len(self.prompt), 0)
             call = None
             try:
-                call = worker.stub.Prefill(req, timeout=timeout)
+                call = worker.stub.Prefill(req, timeout=timeout, metadata=self._trace_metadata)
                 resp = await call
             except BaseException as e:
                 pool.finish(worker, ticket)
@@ -232,6 +272,7 @@ class GenerateCall:
                     f"{self.num_migrations} times (max_migrations={config.max_migrations})",
                 )
             self.num_migrations += 1
+            self._on_migration(worker)
             log.warning("%s: decode worker %s failed after %d tokens; migrating", self.request_id,
                         worker.worker_id, len(self.output_ids))
             if num_messages:
@@ -250,7 +291,7 @@ class GenerateCall:
         num_messages = 0
         call = None
         try:
-            call = worker.stub.Decode(req, timeout=timeout)
+            call = worker.stub.Decode(req, timeout=timeout, metadata=self._trace_metadata)
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
@@ -336,11 +377,14 @@ class GenerateCall:
         await self.send(pb.GenerateResponse(request_id=self.request_id, chunk=chunk))
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.time_to_first_token.record(self.first_token_at - self.arrival, self.attrs)
         if finished:
             await self._complete(finish_reason, stop_str)
         return finished
 
     async def _complete(self, finish_reason: int, stop_str: str | None) -> None:
+        self.finish_reason = finish_reason
         complete = pb.Complete(
             finish_reason=finish_reason,
             usage=pb.Usage(prompt_tokens=len(self.prompt), completion_tokens=len(self.output_ids),
@@ -365,6 +409,80 @@ class GenerateCall:
             e2e_ms=(now - self.arrival) * 1e3, num_migrations=self.num_migrations,
         )
 
+    # --- telemetry --------------------------------------------------------------------------------------------
+
+    def _start_trace(self) -> None:
+        params = self.params
+        attributes = {
+            "gen_ai.request.id": self.request_id, "gen_ai.request.model": self.attrs["gen_ai.request.model"],
+            "gen_ai.operation.name": self.operation, "gen_ai.request.temperature": params.temperature,
+            "gen_ai.request.top_p": params.top_p, "gen_ai.usage.prompt_tokens": len(self.prompt),
+        }
+        if params.max_tokens is not None:
+            attributes["gen_ai.request.max_tokens"] = params.max_tokens
+        self.span = self.tracer.start_span(
+            "router", context=extract(self.trace_carrier), kind=SpanKind.SERVER, attributes=attributes,
+            start_time=epoch_ns_from_perf_counter(self.arrival))
+        self._trace_metadata = inject(self.span)
+
+    def _record_queue_span(self) -> None:
+        """Arrival to the first dispatch: admission and the prefix-cache probe."""
+        span = self.tracer.start_span("queue", context=trace.set_span_in_context(self.span),
+                                      start_time=epoch_ns_from_perf_counter(self.arrival))
+        span.end(end_time=epoch_ns_from_perf_counter(self.dispatched_at))
+
+    def _on_migration(self, failed: WorkerHandle) -> None:
+        if self.metrics is not None:
+            self.metrics.migrations.add(1, self.attrs)
+        self.span.add_event("migration", {"tandem.worker.id": failed.worker_id,
+                                          "gen_ai.usage.completion_tokens": len(self.output_ids)})
+
+    def _record_end(self, error_type: str | None, error_message: str | None) -> None:
+        """The request's metrics and the end of its `router` span; `error_type` is the gRPC code name it failed
+        with (None: it finished)."""
+        now = time.perf_counter()
+        e2e_s = now - self.arrival
+        finish = FINISH_REASON_NAMES.get(self.finish_reason) or ""
+        if error_type is None and finish == "error":
+            error_type, error_message = "worker_error", "the worker reported an error while generating"
+        ttft_s = self.first_token_at - self.arrival if self.first_token_at is not None else None
+        num_output = len(self.output_ids)
+        if self.metrics is not None:
+            self._record_metrics(error_type, finish, e2e_s, now, num_output)
+        span = self.span
+        span.set_attribute("gen_ai.usage.completion_tokens", num_output)
+        span.set_attribute("gen_ai.latency.e2e", e2e_s)
+        span.set_attribute("gen_ai.latency.time_in_queue",
+                           ((self.dispatched_at or now) - self.arrival) + self.worker_queue_ms / 1e3)
+        if ttft_s is not None:
+            span.set_attribute("gen_ai.latency.time_to_first_token", ttft_s)
+        if finish:
+            span.set_attribute("gen_ai.response.finish_reasons", (finish,))
+        span.set_attribute("tandem.num_migrations", self.num_migrations)
+        span.set_attribute("tandem.num_cached_tokens", self.num_cached_tokens)
+        if error_type is not None:
+            span.set_attribute("error.type", error_type)
+            if error_type != grpc.StatusCode.CANCELLED.name:  # the client's choice, not a failure of ours
+                span.set_status(Status(StatusCode.ERROR, error_message))
+        span.end(end_time=epoch_ns_from_perf_counter(now))  # the clock its children were converted from
+
+    def _record_metrics(self, error_type: str | None, finish: str, e2e_s: float, now: float,
+                        num_output: int) -> None:
+        m, attrs = self.metrics, self.attrs
+        m.inflight_requests.add(-1, attrs)
+        failed = attrs if error_type is None else {**attrs, "error.type": error_type}
+        m.request_duration.record(e2e_s, failed)
+        if error_type is None:
+            status = "success"
+        else:
+            status = "cancelled" if error_type == grpc.StatusCode.CANCELLED.name else "error"
+        m.requests.add(1, {**failed, "status": status, "finish_reason": finish})
+        if self.dispatched_at is not None:  # it reached a worker: its tokens were spent
+            m.token_usage.record(len(self.prompt), {**attrs, "gen_ai.token.type": "input"})
+            m.token_usage.record(num_output, {**attrs, "gen_ai.token.type": "output"})
+        if error_type is None and self.first_token_at is not None and num_output > 1:
+            m.time_per_output_token.record((now - self.first_token_at) / (num_output - 1), attrs)
+
     # --- helpers ----------------------------------------------------------------------------------------------
 
     def _timeout(self) -> float | None:
@@ -387,6 +505,7 @@ class GenerateCall:
     def _dispatch(self, worker: WorkerHandle, engine_id: str, num_prompt_tokens: int, num_blocks: int) -> int:
         if self.dispatched_at is None:
             self.dispatched_at = time.perf_counter()
+            self._record_queue_span()
         self._open[engine_id] = worker
         return self.s.pool.dispatch(worker, num_prompt_tokens, num_blocks)
 
@@ -399,6 +518,8 @@ class GenerateCall:
         if pool in self._queued:
             self._queued.discard(pool)
             self.s.admission.release(pool)
+            if self.metrics is not None:
+                self.metrics.queued_requests.add(-1, {"pool": pool})
 
     def _abort_held_kv(self) -> None:
         engine_id, self._kv_engine_id = self._kv_engine_id, None

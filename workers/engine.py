@@ -43,6 +43,9 @@ class EngineStats:
     prefix_cache_queries: int  # tokens
     prefix_cache_hits: int  # tokens
     num_preemptions: int
+    num_prompt_tokens: int  # of requests prefilled here
+    num_generation_tokens: int  # sampled here (a prefill-role request's first token too)
+    num_requests_finished: dict[str, int]  # by finish reason (stop, length, abort); not handed-off requests
 
 
 class LLMEngine:
@@ -77,6 +80,15 @@ class LLMEngine:
                 )
             log.warning("max_model_len lowered from %d to the KV cache capacity, %d tokens", self.max_model_len, capacity)
             self.max_model_len = capacity
+        sched = config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            # Unchunked, a prompt is one step: a longer one than the step budget would wait forever.
+            self.executor.shutdown()
+            raise ValueError(
+                f"max_num_batched_tokens: {sched.max_num_batched_tokens} is smaller than max_model_len="
+                f"{self.max_model_len}, so long prompts could never be scheduled with enable_chunked_prefill=False; "
+                "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill"
+            )
         self.kv = KVCacheManager(
             self.num_blocks, self.block_size, config.cache.enable_prefix_caching, hash_extra=self.model_name.encode()
         )
@@ -84,6 +96,8 @@ class LLMEngine:
         self.sampler = Sampler()
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
+        self.num_generation_tokens = 0
+        self.num_requests_finished: dict[str, int] = {}
 
     @property
     def role(self) -> str:
@@ -149,9 +163,11 @@ class LLMEngine:
         if req is None:
             return None
         if req.status == RequestStatus.PREFILLED:
+            # Handed off (or given up): its first token already counted as this engine's output.
             self.scheduler.release_handoff(req_id)
         else:
             self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self._count_finished("abort")
         req.status = RequestStatus.FINISHED_ABORTED
         self.detokenizers.pop(req_id, None)
         return TokenEvent(req_id, [], "", None, "abort", None, req.num_prompt_tokens, max(req.num_cached_tokens, 0))
@@ -212,13 +228,19 @@ class LLMEngine:
                 req.status = RequestStatus.FINISHED_STOPPED
             if req.status.is_finished or req.status == RequestStatus.PREFILLED:
                 self.detokenizers.pop(req.req_id, None)
+            if req.status.is_finished:
+                self._count_finished(req.status.finish_reason)
             events.append(TokenEvent(
                 req.req_id, [sampled[req.req_id]], detok.get_next_text_delta(finished=req.status.is_finished),
                 logprobs.get(req.req_id),
                 req.status.finish_reason, req.stop_reason, req.num_prompt_tokens, max(req.num_cached_tokens, 0),
                 req.arrival_time, req.first_scheduled_time,
             ))
+        self.num_generation_tokens += len(events)
         return events
+
+    def _count_finished(self, reason: str) -> None:
+        self.num_requests_finished[reason] = self.num_requests_finished.get(reason, 0) + 1
 
     # --- KV hand-off -----------------------------------------------------------------------------------
 
@@ -289,6 +311,9 @@ class LLMEngine:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self.scheduler.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+            num_requests_finished=dict(self.num_requests_finished),
         )
 
     def shutdown(self) -> None:

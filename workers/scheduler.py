@@ -58,6 +58,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Prompt tokens of requests admitted for prefill here (cached ones included, as vLLM counts them); a
+        # preempted request's recompute is not counted again.
+        self.num_prompt_tokens = 0
 
     @property
     def num_waiting(self) -> int:
@@ -135,6 +138,7 @@ class Scheduler:
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_cached
                 req.first_scheduled_time = time.monotonic()
+                self.num_prompt_tokens += req.num_prompt_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(ScheduledSeq(req, num_cached, num_new))

@@ -10,6 +10,12 @@ Threads:
 KV hand-off (prefill role): as soon as a request's first token is sampled, the engine thread exports its
 prompt KV and stages it on the transport under a transfer id; the blocks stay held until the decode worker
 confirms the fetch, the request is aborted, or its lease expires. Nothing is held past the lease.
+
+Telemetry (`Telemetry("tandem-worker")` unless one is given): Prefill and Decode calls carry the router's trace
+context in their metadata; the handlers record the spans `prefill` (the worker that computed the prompt),
+`kv_transfer` (the decode worker's pull) and `decode` (first decoding step to the last token) under it, after the
+fact, with the engine's timestamps. Metrics (workers/metrics.py) are served as Prometheus text on
+`GET /metrics` at `metrics_port`, from the gRPC server's event loop.
 """
 from __future__ import annotations
 
@@ -25,12 +31,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 
+from tandem.telemetry import Telemetry, epoch_ns_from_monotonic, extract, start_metrics_server
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.kv_transfer import KVTransferError, make_kv_transport
+from workers.metrics import WorkerMetrics
 from workers.outputs import TokenEvent
 from workers.wire import FINISH_REASONS, logprobs_to_proto, sampling_params_from_proto
 
@@ -54,10 +64,15 @@ class WorkerConfig:
     # Bounded waiting queue: past it, new requests get RESOURCE_EXHAUSTED.
     max_waiting_requests: int = 512
     torch_threads: int | None = None
+    # Prometheus `GET /metrics` on `host`: 0 picks a free port (WorkerInfo.metrics_address says which), -1: off.
+    metrics_port: int = 0
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(
+                f"metrics_port: must be in [0, 65535] (0: a free port) or -1 (off), got {self.metrics_port}")
         if self.kv_lease_s <= 0:
             raise ValueError(f"kv_lease_s: must be > 0, got {self.kv_lease_s}")
         if self.max_waiting_requests < 1:
@@ -203,16 +218,25 @@ class EngineLoop:
             num_kv_held=len(self.leases), num_blocks=stats.num_blocks, num_free_blocks=stats.num_free_blocks,
             num_used_blocks=engine.kv.num_used_blocks, kv_cache_usage=stats.kv_cache_usage,
             prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
-            num_preemptions=stats.num_preemptions,
+            num_preemptions=stats.num_preemptions, num_prompt_tokens=stats.num_prompt_tokens,
+            num_generation_tokens=stats.num_generation_tokens, num_requests_finished=stats.num_requests_finished,
         )
 
 
 class WorkerServer:
-    """The Worker gRPC service around an EngineLoop. `start()` returns the WorkerInfo; `stop()` ends it all."""
+    """The Worker gRPC service around an EngineLoop. `start()` returns the WorkerInfo; `stop()` ends it all.
 
-    def __init__(self, config: WorkerConfig):
+    `telemetry`: where spans and metrics go; by default its own `Telemetry("tandem-worker")`, shut down by stop().
+    """
+
+    def __init__(self, config: WorkerConfig, telemetry: Telemetry | None = None):
         self.config = config
         self.worker_id = config.worker_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        self._owns_telemetry = telemetry is None
+        if telemetry is None:
+            telemetry = Telemetry("tandem-worker", resource_attributes={
+                "tandem.worker.id": self.worker_id, "tandem.worker.role": config.role})
+        self.telemetry = telemetry
         if config.torch_threads:
             import torch
             torch.set_num_threads(config.torch_threads)
@@ -228,8 +252,14 @@ class WorkerServer:
         self.kv_transfers = 0
         self.kv_transfer_bytes = 0
         self.kv_transfer_seconds = 0.0
+        self.metrics = WorkerMetrics(
+            self.telemetry.meter, {"worker_id": self.worker_id, "worker_role": config.role},
+            snapshot=lambda: self.loop.snapshot, transfer_stats=lambda: self.transport.stats,
+            leases_expired=lambda: self.loop.num_leases_expired)
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
+        self._metrics_runner = None  # aiohttp, serving /metrics
+        self.metrics_address = ""
         self._thread: threading.Thread | None = None
         self.info: wpb.WorkerInfo | None = None
         self._fetch_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="tandem-kv-fetch")
@@ -268,7 +298,7 @@ class WorkerServer:
             worker_id=self.worker_id, role=self.config.role, address=f"{host}:{port}",
             model=self.engine.model_name, max_model_len=self.engine.max_model_len,
             block_size=self.engine.block_size, tp_size=self.engine.executor.tp_size,
-            kv_transport=self.transport.name, pid=os.getpid(), node_ip=host,
+            kv_transport=self.transport.name, pid=os.getpid(), node_ip=host, metrics_address=self.metrics_address,
         )
         self._kv_endpoint = kv_endpoint
         log.info("worker %s (%s) serving on %s:%d, KV transport %s at %s", self.worker_id, self.config.role, host,
@@ -283,11 +313,14 @@ class WorkerServer:
         if bound == 0:
             raise OSError(f"port: cannot listen on {host}:{port}")
         await self._server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_runner, self.metrics_address = await start_metrics_server(
+                self.telemetry, host, self.config.metrics_port)
         return bound
 
     def stop(self) -> None:
         if self._aio_loop is not None and self._server is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._server.stop(grace=1.0), self._aio_loop)
+            fut = asyncio.run_coroutine_threadsafe(self._stop_serving(), self._aio_loop)
             try:
                 fut.result(timeout=10)
             except Exception:  # noqa: BLE001 - stopping anyway
@@ -297,16 +330,26 @@ class WorkerServer:
         self.transport.close()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
+        if self._owns_telemetry:
+            self.telemetry.shutdown()
+
+    async def _stop_serving(self) -> None:
+        await self._server.stop(grace=1.0)
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
 
     # --- KV hand-off ----------------------------------------------------------------------------------
 
     def _stage_kv(self, req_id: str) -> tuple[str, int] | None:
         """Engine thread, right after a prefill-role request's first token."""
+        start = time.perf_counter()
         payloads = self.engine.export_kv(req_id)
         if len(payloads) != 1:
             raise NotImplementedError("KV hand-off from a TP group needs one transport per rank")
         transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
         self.transport.offer(transfer_id, payloads[0])
+        self.metrics.record_stage(time.perf_counter() - start, self.transport.name)
         return transfer_id, payloads[0].num_bytes
 
     def _on_fetched(self, transfer_id: str) -> None:
@@ -333,6 +376,64 @@ class _RequestStream:
 
 def _ms(seconds: float | None) -> float:
     return 0.0 if seconds is None else max(seconds, 0.0) * 1000.0
+
+
+def _error_of(e: BaseException, context) -> tuple[str, str]:
+    """(error.type, message) of a failed call: the gRPC code it was aborted with, else the exception's type."""
+    if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
+        return CANCELLED, "the call was cancelled"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code.name, str(context.details() or e)
+    return type(e).__name__, str(e)
+
+
+CANCELLED = grpc.StatusCode.CANCELLED.name
+
+
+class _CallSpans:
+    """The spans of one Prefill or Decode call, children of the router's span (its `traceparent` in the call's
+    metadata). Recorded when the call ends, with explicit times: no span stays open while tokens stream."""
+
+    def __init__(self, server: WorkerServer, context, req: wpb.EngineRequest):
+        self.tracer = server.telemetry.tracer
+        self.parent: Context | None = extract(context.invocation_metadata())
+        self.attributes = {
+            "gen_ai.request.id": req.request_id, "gen_ai.request.model": server.engine.model_name,
+            "gen_ai.usage.prompt_tokens": len(req.prompt_token_ids), "tandem.worker.id": server.worker_id,
+        }
+
+    def prefill(self, received: float, event: TokenEvent | None, end: float, error: tuple[str, str] | None) -> None:
+        """From the call's arrival to the first token; `event`: that token's (None if it never came)."""
+        attributes = {}
+        if event is not None and event.first_scheduled_time is not None:
+            attributes = {
+                "gen_ai.latency.time_in_queue": max(event.first_scheduled_time - received, 0.0),
+                "gen_ai.latency.time_in_model_prefill": max(end - event.first_scheduled_time, 0.0),
+                "tandem.num_cached_tokens": event.num_cached_tokens,
+            }
+        self._record("prefill", received, end, attributes, error)
+
+    def kv_transfer(self, handle: wpb.KVHandle, start: float, end: float, error: tuple[str, str] | None) -> None:
+        self._record("kv_transfer", start, end, {
+            "tandem.kv_transfer.bytes": handle.num_bytes, "tandem.kv_transfer.transport": handle.transport,
+            "tandem.kv_transfer.num_blocks": handle.num_blocks,
+            "tandem.kv_transfer.source_worker_id": handle.source_worker_id,
+        }, error)
+
+    def decode(self, start: float, end: float, num_tokens: int, error: tuple[str, str] | None) -> None:
+        """`num_tokens`: sent by this call (with a local prefill, its first token too)."""
+        self._record("decode", start, end, {"gen_ai.usage.completion_tokens": num_tokens}, error)
+
+    def _record(self, name: str, start: float, end: float, attributes: dict, error: tuple[str, str] | None) -> None:
+        span = self.tracer.start_span(name, context=self.parent, attributes={**self.attributes, **attributes},
+                                      start_time=epoch_ns_from_monotonic(start))
+        if error is not None:
+            span.set_attribute("error.type", error[0])
+            # The router cancels a decode call when a stop string matched: not a failure.
+            if error[0] != CANCELLED:
+                span.set_status(Status(StatusCode.ERROR, error[1]))
+        span.end(end_time=epoch_ns_from_monotonic(end))
 
 
 class _Servicer(worker_pb2_grpc.WorkerServicer):
@@ -383,21 +484,25 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         return await self._engine(abort)
 
     async def Prefill(self, request: wpb.PrefillRequest, context) -> wpb.PrefillResponse:
+        received = time.monotonic()
+        spans = _CallSpans(self.w, context, request.request)
         await self._admit(context)
         req = request.request
         stream = _RequestStream(asyncio.get_running_loop())
         await self._add(context, req, stream)
         done = False
+        event = prefilled_at = error = None
         try:
             event = await stream.queue.get()
             if event is None:
                 await self._check_serving(context)
+            prefilled_at = time.monotonic()
             done = True
             resp = wpb.PrefillResponse(
                 token_ids=event.new_token_ids, logprobs=logprobs_to_proto(event.new_token_ids, event.logprobs),
                 finish_reason=FINISH_REASONS[event.finish_reason], num_cached_tokens=event.num_cached_tokens,
                 queue_ms=_ms(event.first_scheduled_time - event.arrival_time),
-                prefill_ms=_ms(time.monotonic() - event.first_scheduled_time),
+                prefill_ms=_ms(prefilled_at - event.first_scheduled_time),
             )
             if isinstance(event.stop_reason, int):
                 resp.stop_token_id = event.stop_reason
@@ -414,24 +519,34 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                     source_worker_id=self.w.worker_id,
                 ))
             return resp
+        except BaseException as e:
+            error = _error_of(e, context)
+            raise
         finally:
             if not done:  # cancelled, deadline, or failed before the first token: nothing may stay held
                 await self._abort(req.request_id)
+            spans.prefill(received, event, prefilled_at or time.monotonic(), error)
 
     async def Decode(self, request: wpb.DecodeRequest, context):
+        received = time.monotonic()
+        spans = _CallSpans(self.w, context, request.request)
         await self._admit(context)
         req = request.request
         req_id = req.request_id
+        with_kv = request.HasField("kv")
         stream = _RequestStream(asyncio.get_running_loop())
         first = wpb.DecodeResponse()
         finished = False
+        # For the spans: the local prefill's first event and when it came, when decoding started and ended.
+        first_event = prefilled_at = decode_start = last_token_at = error = None
+        num_tokens = 0
         try:
-            if request.HasField("kv"):
+            if with_kv:
                 try:
                     params = self._params(req)
                 except ValueError as e:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                payload, seconds = await self._fetch(request.kv, context)
+                payload, seconds = await self._fetch(request.kv, context, spans)
                 first.kv_transfer_ms = seconds * 1000.0
                 first.kv_transfer_bytes = payload.num_bytes
                 self.loop.listen(req_id, stream)
@@ -450,12 +565,14 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 except ValueError as e:
                     self.loop.unlisten(req_id)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {e}")
+                decode_start = time.monotonic()
             else:
                 await self._add(context, req, stream)
             while True:
                 event = await stream.queue.get()
                 if event is None:
                     await self._check_serving(context)
+                num_tokens += len(event.new_token_ids)
                 msg = wpb.DecodeResponse(
                     token_ids=event.new_token_ids, logprobs=logprobs_to_proto(event.new_token_ids, event.logprobs),
                     finish_reason=FINISH_REASONS[event.finish_reason], num_cached_tokens=event.num_cached_tokens,
@@ -463,20 +580,46 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 if isinstance(event.stop_reason, int):
                     msg.stop_token_id = event.stop_reason
                 if first is not None:
-                    if event.first_scheduled_time is not None and not request.HasField("kv"):
-                        first.queue_ms = _ms(event.first_scheduled_time - event.arrival_time)
-                        first.prefill_ms = _ms(time.monotonic() - event.first_scheduled_time)
+                    if not with_kv:
+                        first_event = event
+                        prefilled_at = decode_start = time.monotonic()
+                        if event.first_scheduled_time is not None:
+                            first.queue_ms = _ms(event.first_scheduled_time - event.arrival_time)
+                            first.prefill_ms = _ms(prefilled_at - event.first_scheduled_time)
                     msg.MergeFrom(first)
                     first = None
                 finished = event.finished
+                if finished:
+                    last_token_at = time.monotonic()
                 yield msg
                 if finished:
                     return
+        except BaseException as e:
+            error = _error_of(e, context)
+            raise
         finally:
             if not finished:  # the router cancelled (stop string, client gone) or the deadline passed
                 await self._abort(req_id)
+            end = last_token_at or time.monotonic()
+            if not with_kv:
+                spans.prefill(received, first_event, prefilled_at or end, None if first_event else error)
+            # A local request that finished with its first token did no decoding.
+            if decode_start is not None and (with_kv or num_tokens > 1 or not finished):
+                spans.decode(decode_start, end, num_tokens, error)
 
-    async def _fetch(self, handle: wpb.KVHandle, context):
+    async def _fetch(self, handle: wpb.KVHandle, context, spans: _CallSpans):
+        start = time.monotonic()
+        error = None
+        try:
+            payload, seconds = await self._pull(handle, context)
+            return payload, seconds
+        except BaseException as e:
+            error = _error_of(e, context)
+            raise
+        finally:
+            spans.kv_transfer(handle, start, time.monotonic(), error)
+
+    async def _pull(self, handle: wpb.KVHandle, context):
         if handle.transport != self.w.transport.name:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"kv: transport {handle.transport!r} does not match this worker's {self.w.transport.name!r}")
@@ -498,6 +641,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         self.w.kv_transfers += 1
         self.w.kv_transfer_bytes += payload.num_bytes
         self.w.kv_transfer_seconds += seconds
+        self.w.metrics.record_fetch(seconds, self.w.transport.name)
         return payload, seconds
 
     async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortResponse:

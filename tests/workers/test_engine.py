@@ -237,3 +237,22 @@ def test_blocks_held_for_handoff_never_hang_generate(llm):
         # The failed call aborts its own requests, the held one included: nothing is stranded.
         assert stats.num_waiting == 0 and stats.num_handoff_pending == 0
         assert stats.num_free_blocks == stats.num_blocks
+
+
+def test_unchunked_prefill_needs_a_step_budget_that_holds_the_longest_prompt(llm):
+    """vLLM's rule: without chunked prefill, a prompt longer than max_num_batched_tokens would wait forever."""
+    config = llm.engine.config
+    unchunked = dataclasses.replace(config, max_model_len=1024, scheduler=dataclasses.replace(
+        config.scheduler, enable_chunked_prefill=False, max_num_batched_tokens=512))
+    with pytest.raises(ValueError, match="^max_num_batched_tokens: 512 is smaller than max_model_len=1024"):
+        LLMEngine(unchunked)
+    long_enough = dataclasses.replace(unchunked, scheduler=dataclasses.replace(unchunked.scheduler,
+                                                                               max_num_batched_tokens=1024))
+    engine = LLMEngine(long_enough)
+    req_id = engine.add_request(list(range(1, 900)), GREEDY)
+    token_ids, finish_reason = [], None
+    while finish_reason is None:
+        for event in engine.step():
+            token_ids += event.new_token_ids
+            finish_reason = event.finish_reason
+    assert (len(token_ids), finish_reason) == (GREEDY.max_tokens, "length")

@@ -1,0 +1,59 @@
+"""The router's instruments: the OpenTelemetry GenAI server metrics, plus the counters operators know from Dynamo's
+frontend (requests by status, in-flight, queued per pool, migrations). GenerateCall records them.
+
+Prometheus names (exporter: dots become underscores, the unit "s" adds _seconds, counters add _total):
+  gen_ai_server_time_to_first_token_seconds, gen_ai_server_time_per_output_token_seconds,
+  gen_ai_server_request_duration_seconds, gen_ai_client_token_usage (histograms, `_bucket`/`_sum`/`_count`);
+  tandem_router_requests_total, tandem_router_inflight_requests, tandem_router_queued_requests,
+  tandem_router_migrations_total.
+"""
+from __future__ import annotations
+
+from opentelemetry.metrics import Meter
+
+PROVIDER = "tandem"
+
+# Bucket boundaries from the GenAI semantic conventions, so dashboards built for them work unchanged.
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS_S = tuple(0.01 * 2 ** i for i in range(14))  # 0.01 ... 81.92
+TOKEN_BUCKETS = tuple(4 ** i for i in range(14))  # 1 ... 67108864
+
+
+class RouterMetrics:
+    """One set per router process (`Telemetry.instruments(RouterMetrics)`)."""
+
+    def __init__(self, meter: Meter):
+        self.time_to_first_token = meter.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time from the request's arrival at the router to its first output token",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS_S)
+        self.time_per_output_token = meter.create_histogram(
+            "gen_ai.server.time_per_output_token", unit="s",
+            description="Per request: (e2e - time to first token) / (output tokens - 1)",
+            explicit_bucket_boundaries_advisory=TPOT_BUCKETS_S)
+        self.request_duration = meter.create_histogram(
+            "gen_ai.server.request.duration", unit="s",
+            description="Time from the request's arrival at the router to its last message",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}",
+            description="Input (prompt) and output (completion) tokens per request, by gen_ai.token.type",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.requests = meter.create_counter(
+            "tandem.router.requests", unit="{request}",
+            description="Requests ended, by status (success, error, cancelled) and finish_reason")
+        self.inflight_requests = meter.create_up_down_counter(
+            "tandem.router.inflight_requests", unit="{request}",
+            description="Requests this router is serving now")
+        self.queued_requests = meter.create_up_down_counter(
+            "tandem.router.queued_requests", unit="{request}",
+            description="Requests admitted and still waiting for their first token from the pool")
+        self.migrations = meter.create_counter(
+            "tandem.router.migrations", unit="{migration}",
+            description="Requests moved to another decode worker after theirs failed mid-stream")
+
+
+def genai_attributes(operation: str, model: str) -> dict[str, str]:
+    """The attributes every GenAI metric point of a request carries."""
+    return {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": model}

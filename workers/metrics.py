@@ -1,0 +1,99 @@
+"""A worker's Prometheus/OTLP metrics, under vLLM's names with a `tandem.` prefix.
+
+Engine state is read from the engine thread's stats snapshot (`EngineLoop.snapshot`, taken after every step) by
+observable instruments, so the step loop does no metrics work at all; KV transfer counters come from the
+transport's own counters. Only per-transfer latencies are recorded as events (once per hand-off, never per token).
+
+Prometheus names (every point labelled worker_id and worker_role):
+  tandem_num_requests_running, tandem_num_requests_waiting, tandem_kv_cache_usage_perc (0-1),
+  tandem_num_kv_held, tandem_prompt_tokens_total, tandem_generation_tokens_total,
+  tandem_prefix_cache_queries_total, tandem_prefix_cache_hits_total (tokens), tandem_num_preemptions_total,
+  tandem_request_success_total{finished_reason}, tandem_kv_transfer_bytes_total{direction=sent|received},
+  tandem_kv_transfers_total{direction}, tandem_kv_transfer_leases_expired_total,
+  tandem_kv_transfer_latency_seconds (decode side: pull until the payload is here),
+  tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+# KV pulls range from sub-millisecond (shm, short prompts) to seconds (long prompts over tcp).
+KV_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# (instrument name, snapshot field, unit, description)
+_GAUGES = (
+    ("tandem.num_requests_running", "num_running", "{request}", "Requests in the running batch"),
+    ("tandem.num_requests_waiting", "num_waiting", "{request}", "Requests waiting to be scheduled"),
+    ("tandem.kv_cache_usage_perc", "kv_cache_usage", "1", "Fraction of KV cache blocks held by requests (0-1)"),
+    ("tandem.num_kv_held", "num_kv_held", "{request}", "Prefilled requests whose KV waits for a decode worker"),
+)
+_COUNTERS = (
+    ("tandem.prompt_tokens", "num_prompt_tokens", "{token}", "Prompt tokens of requests prefilled here"),
+    ("tandem.generation_tokens", "num_generation_tokens", "{token}", "Tokens sampled here"),
+    ("tandem.prefix_cache_queries", "prefix_cache_queries", "{token}", "Prompt tokens looked up in the prefix cache"),
+    ("tandem.prefix_cache_hits", "prefix_cache_hits", "{token}", "Prompt tokens found in the prefix cache"),
+    ("tandem.num_preemptions", "num_preemptions", "{preemption}", "Requests preempted (recomputed later)"),
+)
+
+
+class WorkerMetrics:
+    """Registers a worker's instruments on `meter`. `snapshot()` returns the engine loop's latest stats dict,
+    `transfer_stats()` the KV transport's counters, `leases_expired()` the expired lease count."""
+
+    def __init__(self, meter: Meter, attributes: dict[str, str], snapshot: Callable[[], dict],
+                 transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int]):
+        self.attributes = attributes
+        self._snapshot = snapshot
+        self._transfer_stats = transfer_stats
+        self._leases_expired = leases_expired
+        for name, field, unit, description in _GAUGES:
+            meter.create_observable_gauge(name, [self._observe(field)], unit=unit, description=description)
+        for name, field, unit, description in _COUNTERS:
+            meter.create_observable_counter(name, [self._observe(field)], unit=unit, description=description)
+        meter.create_observable_counter(
+            "tandem.request_success", [self._observe_finished], unit="{request}",
+            description="Requests finished here, by finished_reason (stop, length, abort)")
+        meter.create_observable_counter(
+            "tandem.kv_transfer.bytes", [self._observe_transfers("bytes")], unit="By",
+            description="KV bytes handed off: sent (acknowledged by a decode worker) and received")
+        meter.create_observable_counter(
+            "tandem.kv_transfers", [self._observe_transfers("transfers")], unit="{transfer}",
+            description="KV hand-offs completed: sent and received")
+        meter.create_observable_counter(
+            "tandem.kv_transfer.leases_expired", [self._observe_leases_expired], unit="{lease}",
+            description="Staged KV released because no decode worker fetched it within the lease")
+        self.kv_transfer_latency = meter.create_histogram(
+            "tandem.kv_transfer.latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
+            description="Decode side: time to pull a request's KV from the prefill worker")
+        self.kv_stage_latency = meter.create_histogram(
+            "tandem.kv_transfer.stage_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
+            description="Prefill side: time to export a request's KV and stage it on the transport")
+
+    def record_fetch(self, seconds: float, transport: str) -> None:
+        self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})
+
+    def record_stage(self, seconds: float, transport: str) -> None:
+        self.kv_stage_latency.record(seconds, {**self.attributes, "transport": transport})
+
+    # --- callbacks (run at each scrape or OTLP export) ------------------------------------------------------
+
+    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(self._snapshot()[field], self.attributes)]
+        return observe
+
+    def _observe_finished(self, options: CallbackOptions) -> Iterable[Observation]:
+        finished = self._snapshot()["num_requests_finished"]
+        return [Observation(n, {**self.attributes, "finished_reason": reason}) for reason, n in finished.items()]
+
+    def _observe_transfers(self, what: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            stats = self._transfer_stats()
+            return [Observation(stats[f"{what}_{direction}"], {**self.attributes, "direction": direction})
+                    for direction in ("sent", "received")]
+        return observe
+
+    def _observe_leases_expired(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._leases_expired(), self.attributes)]
