@@ -137,7 +137,7 @@ def run_cluster(mode: str, args, workload, ttft_prompts, engine_opts) -> dict:
     run = lambda coro, t=1800: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
     try:
         registry = controller.start()
-        router = Router(RouterConfig(port=0, registry_address=registry, mode=mode,
+        router = Router(RouterConfig(port=0, http_port=-1, registry_address=registry, mode=mode,
                                      max_local_prefill_length=args.max_local_prefill_length,
                                      max_queued_requests=4096))
         address = run(router.start())

@@ -1,4 +1,5 @@
-"""`tandem`: bring a cluster up (`tandem up`), generate from it (`tandem generate`), and look at it (`tandem status`)."""
+"""`tandem`: bring a cluster up (`tandem up`), generate from it (`tandem generate`), look at it (`tandem status`),
+and load-test it (`tandem loadtest`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 
 import grpc
 
+from loadtest import cli as loadtest_cli
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -24,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub.add_parser("generate", help="stream a completion from a running router"))
     st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    loadtest_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    return {"up": _up, "generate": _generate, "status": _status}[args.command](args)
+    return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
 
 
 # --- tandem up ----------------------------------------------------------------------------------------
@@ -38,15 +41,22 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="number of 'both' workers in colocated mode")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1", help="router address (default %(default)s)")
-    p.add_argument("--port", type=int, default=50051, help="router port (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="router OpenAI-compatible HTTP port (default %(default)s); 0 picks a free port, -1 turns it off")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
     p.add_argument("--kv-transport", default="auto",
                    help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
+                   "bounded by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="split long prompts across steps (default on); off, max-num-batched-tokens must hold "
+                        "the longest prompt")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--num-cpus-per-worker", type=float, default=1)
     p.add_argument("--num-gpus-per-worker", type=float, default=0)
@@ -58,8 +68,9 @@ def _up(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster.config import ClusterConfig  # imports ray: only for `up`
 
-    engine = {k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens),
-                                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes)) if v is not None}
+    engine = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
+                                ("enable_chunked_prefill", args.enable_chunked_prefill)) if v is not None}
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"
     try:
@@ -76,6 +87,7 @@ def _up(args) -> int:
         return 2
     router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
                                         ("max_queued_requests", args.max_queued_requests)) if v is not None}
+    router_options["http_port"] = args.http_port
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
@@ -97,8 +109,9 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
                                      mode=config.mode, **router_options))
         address = await router.start()
         await router.wait_ready(timeout_s=60)
-        print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation); registry at {registry}; "
-              f"mode {config.mode}. Ctrl-C stops.", flush=True)
+        http = f"http://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
+        print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation) and {http}; "
+              f"registry at {registry}; mode {config.mode}. Ctrl-C stops.", flush=True)
         await stop.wait()
         print("tandem: stopping (draining in-flight requests)", flush=True)
     finally:
@@ -175,11 +188,12 @@ def format_status(status: wpb.ClusterStatus) -> str:
     for p in status.pools:
         lines.append(f"{p.role:<8} {p.num_workers:>7} {p.num_queued:>7} {p.max_queued:>10}")
     lines += ["", f"{'worker':<18} {'role':<8} {'address':<22} {'pid':>7} {'running':>7} {'waiting':>7} "
-                  f"{'KV used':>13} {'KV usage':>8} {'held':>5} {'transfers':>9}"]
+                  f"{'KV used':>13} {'KV usage':>8} {'held':>5} {'transfers':>9}  metrics"]
     for w in status.workers:
         i = w.info
         lines.append(f"{i.worker_id:<18} {i.role:<8} {i.address:<22} {i.pid:>7} {w.num_running:>7} {w.num_waiting:>7} "
-                     f"{w.num_used_blocks:>6}/{w.num_blocks:<6} {w.kv_cache_usage:>7.1%} {w.num_kv_held:>5} {w.kv_transfers:>9}")
+                     f"{w.num_used_blocks:>6}/{w.num_blocks:<6} {w.kv_cache_usage:>7.1%} {w.num_kv_held:>5} {w.kv_transfers:>9}  "
+                     f"{'http://' + i.metrics_address + '/metrics' if i.metrics_address else '-'}")
     return "\n".join(lines)
 
 

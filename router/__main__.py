@@ -15,7 +15,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
     parser.add_argument("--registry", required=True, metavar="HOST:PORT", help="the cluster's Registry service")
     parser.add_argument("--host", default=defaults["host"].default)
-    parser.add_argument("--port", type=int, default=defaults["port"].default, help="0 picks a free port")
+    parser.add_argument("--port", type=int, default=defaults["port"].default, help="gRPC port; 0 picks a free port")
+    parser.add_argument("--http-port", type=int, default=defaults["http_port"].default,
+                        help="OpenAI-compatible HTTP port (default %(default)s); 0 picks a free port, -1 turns it off")
     parser.add_argument("--model", default=None, help="HF folder, .gguf file or dummy arch (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--load-format", default=defaults["load_format"].default)
     parser.add_argument("--mode", choices=MODES, default=defaults["mode"].default)
@@ -34,7 +36,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     args = parser.parse_args(argv)
     try:
         config = RouterConfig(
-            host=args.host, port=args.port, registry_address=args.registry, model=args.model,
+            host=args.host, port=args.port, http_port=args.http_port, registry_address=args.registry, model=args.model,
             load_format=args.load_format, mode=args.mode, max_queued_requests=args.max_queued_requests,
             max_local_prefill_length=args.max_local_prefill_length, kv_lease_ms=args.kv_lease_ms,
             max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
@@ -51,7 +53,8 @@ async def serve(config: RouterConfig) -> None:
 
     router = Router(config)
     address = await router.start()
-    print(f"router listening on {address}", flush=True)
+    http = f"http://{router.http_address}" if router.http_address else "off"
+    print(f"router listening on {address} (gRPC); OpenAI HTTP {http}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     # 0 picks a free port; Router.start() returns the address actually bound.
     port: int = 50051
+    # The OpenAI-compatible HTTP front, on its own port (vLLM's default): 0 picks a free port, -1 turns it off.
+    http_port: int = 8000
     # host:port of the cluster's Registry service.
     registry_address: str = ""
     # Where the tokenizer comes from (None: the default SmolLM2 GGUF); its name is the model the router serves
@@ -46,6 +48,10 @@ class RouterConfig:
             raise ValueError("host: must be a host name or address, got ''")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be in [0, 65535] (0 picks a free port), got {self.port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be in [0, 65535] (0 picks a free port) or -1 (off), got {self.http_port}")
+        if self.http_port > 0 and self.http_port == self.port:
+            raise ValueError(f"http_port: must differ from port (the gRPC port); both are {self.port}")
         if not self.registry_address or ":" not in self.registry_address:
             raise ValueError(f"registry_address: must be host:port, got {self.registry_address!r}")
         if self.max_queued_requests < 1:

@@ -19,6 +19,7 @@ from router.admission import Admission
 from router.config import RouterConfig
 from router.convert import generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
+from router.http_server import OpenAIServer
 from router.model import ServedModel
 from router.pool import WorkerPool
 from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
@@ -46,25 +47,31 @@ class Router:
     def __init__(self, config: RouterConfig, model: ServedModel | None = None, telemetry: Telemetry | None = None):
         self.config = config
         self.model = model
+        # A Telemetry passed in is the caller's to shut down (tests share one exporter between components).
+        self._owns_telemetry = telemetry is None
         self.telemetry = telemetry if telemetry is not None else Telemetry("tandem-router")
         self.address: str | None = None
+        # The OpenAI-compatible HTTP front's "host:port"; None while not serving it (config.http_port=-1).
+        self.http_address: str | None = None
         self.draining = False
         self.pool: WorkerPool | None = None
         self.admission = Admission(config.pools, config.max_queued_requests)
         self.services: RouterServices | None = None
         self.num_active = 0
         self._server: grpc.aio.Server | None = None
+        self._http: OpenAIServer | None = None
         self._health = health_aio.HealthServicer()
         self._serving: bool | None = None
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> str:
-        """Load the tokenizer, bind, serve, and poll the registry once; returns the "host:port" listened on."""
+        """Load the tokenizer, bind, serve, and poll the registry once; returns the gRPC "host:port" listened on
+        (`http_address` holds the HTTP one)."""
         config = self.config
         if self.model is None:
             self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
-        self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn)
+        self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry)
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
@@ -78,12 +85,20 @@ class Router:
         port = server.add_insecure_port(f"{host}:{config.port}")
         if port == 0:
             raise RuntimeError(f"port: could not bind {host}:{config.port}")
+        if config.http_port >= 0:
+            http = OpenAIServer(self)
+            try:
+                self.http_address = await http.start(config.host, config.http_port)
+            except RuntimeError:
+                await server.stop(None)  # frees the gRPC port bound above
+                raise
+            self._http = http
         await self.pool.start()
         await server.start()
         self._server = server
         self.address = f"{host}:{port}"
-        log.info("router serving %s (%s) on %s; registry %s", self.model.name, config.mode, self.address,
-                 config.registry_address)
+        log.info("router serving %s (%s) on %s (gRPC) and %s (HTTP); registry %s", self.model.name, config.mode,
+                 self.address, self.http_address or "off", config.registry_address)
         return self.address
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -96,7 +111,7 @@ class Router:
             await asyncio.sleep(0.02)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: refuse new requests (UNAVAILABLE), let running ones finish for up to `grace_s`
+        """Drain: refuse new requests (UNAVAILABLE, HTTP 503), let running ones finish for up to `grace_s`
         (config.drain_timeout_s by default), cancel the rest (their workers get Abort), then stop."""
         if self._server is None:
             return
@@ -108,6 +123,9 @@ class Router:
             await asyncio.sleep(0.01)
         await self._server.stop(grace=None)
         self._server = None
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         # Cancelled handlers clean up (spawning their Aborts) when they next run.
         deadline = time.monotonic() + 1.0
         while self.num_active and time.monotonic() < deadline:
@@ -115,6 +133,8 @@ class Router:
         if self._background:
             await asyncio.wait(set(self._background), timeout=ABORT_TIMEOUT_S)
         await self.pool.close()
+        if self._owns_telemetry:
+            await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP batches: blocking
         log.info("router on %s stopped", self.address)
 
     def _spawn(self, coro: Coroutine) -> None:
@@ -151,7 +171,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
             inp = generate_input_from_proto(request, request_id, router.model)
-            await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival).run()
+            operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
+            await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival,
+                               operation=operation, trace_carrier=dict(context.invocation_metadata())).run()
         except RouterError as e:
             await _abort_with(context, e.code, e.message, request_id)
         except Exception as e:  # a bug: this request fails, the router keeps serving

@@ -54,7 +54,7 @@ def cluster():
         registry = controller.start()
 
         def start_router(**options):
-            router = Router(RouterConfig(port=0, registry_address=registry, **options))
+            router = Router(RouterConfig(port=0, http_port=0, registry_address=registry, **options))
             address = loops.run(router.start())
             loops.run(router.wait_ready(timeout_s=60))
             routers.append(router)

@@ -102,7 +102,7 @@ def make_env(aio, served_model, script):
             for w in workers:
                 await w.start()
             registry.set_workers([w.info for w in workers])
-            defaults = dict(port=0, registry_address=registry.address, max_local_prefill_length=4,
+            defaults = dict(port=0, http_port=0, registry_address=registry.address, max_local_prefill_length=4,
                             registry_poll_interval_s=0.05, stats_poll_interval_s=0.02)
             mode = "colocated" if both and not (prefill or decode) else "disaggregated"
             router = Router(RouterConfig(**{"mode": mode, **defaults, **config}), model=served_model)

@@ -46,7 +46,7 @@ def real_env(aio, served_model, real_workers):
     async def start():
         await registry.start()
         registry.set_workers([w.info for w in live])
-        router = Router(RouterConfig(port=0, registry_address=registry.address, max_local_prefill_length=8,
+        router = Router(RouterConfig(port=0, http_port=0, registry_address=registry.address, max_local_prefill_length=8,
                                      registry_poll_interval_s=0.05, stats_poll_interval_s=0.02), model=served_model)
         address = await router.start()
         await router.wait_ready(timeout_s=10)
