@@ -1,0 +1,48 @@
+"""One run of a scenario, start to finish: make the requests, drive them, summarize, write the outputs."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from loadtest.client import LoadDriver, LoadResult, RequestRecord
+from loadtest.plots import plot_run
+from loadtest.prompts import RequestFactory, open_loop_plan
+from loadtest.report import build_result, markdown_summary, write_json
+from loadtest.scenario import Scenario
+
+
+async def drive(scenario: Scenario, tokenizer, *, target: str,
+                on_start: Callable[[int | None], None] = lambda total: None,
+                on_record: Callable[[RequestRecord], None] | None = None) -> LoadResult:
+    """Send the scenario's requests to `target`. Open-loop requests are all made (tokenized) before the clock
+    starts; closed-loop ones as workers need them. `on_start(total)` gets the number of requests when known."""
+    factory = RequestFactory(scenario, tokenizer)
+    driver = LoadDriver(target, model=scenario.model, timeout_s=scenario.timeout_s, on_record=on_record)
+    if scenario.arrival.is_open_loop:
+        specs = open_loop_plan(scenario, factory)
+        on_start(len(specs))
+        return await driver.run_open_loop(specs)
+    on_start(scenario.num_requests)
+    return await driver.run_closed_loop(factory.make, concurrency=scenario.arrival.concurrency,
+                                        num_requests=scenario.num_requests, duration_s=scenario.duration_s)
+
+
+def run_scenario(scenario: Scenario, tokenizer, *, target: str, output_dir: Path, progress=None) -> dict:
+    """Run `scenario` against `target` and write result.json, summary.md and the plots to `output_dir`.
+
+    `progress` (loadtest.progress.RunProgress or None) shows requests as they end. Returns the result dict.
+    """
+    load = asyncio.run(drive(scenario, tokenizer, target=target,
+                             on_start=progress.start if progress else (lambda total: None),
+                             on_record=progress.advance if progress else None))
+    result = build_result(scenario, load, target=target)
+    write_outputs(result, load, scenario, output_dir)
+    return result
+
+
+def write_outputs(result: dict, load: LoadResult, scenario: Scenario, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "result.json", result)
+    (output_dir / "summary.md").write_text(markdown_summary(result))
+    plot_run(load.records, scenario.slo, output_dir)
