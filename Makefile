@@ -18,7 +18,7 @@ PROMPT ?= Write a haiku about GPUs.
 MAX_TOKENS ?= 128
 
 .DEFAULT_GOAL := help
-.PHONY: help venv .venv run generate test bench clean proto
+.PHONY: help venv .venv run generate test bench clean proto peers
 
 help:
 	@echo "make run                                start a local cluster (tandem up) serving the default model on 127.0.0.1:50051"
@@ -26,6 +26,7 @@ help:
 	@echo "make test                               run the test suite (sets up .venv on first use)"
 	@echo "make bench                              run benchmarks/bench_engine.py"
 	@echo "make venv                               create or update .venv only"
+	@echo "make peers                              create .venv-peers: guidellm and llama-cpp-python's server (builds ~10 min)"
 	@echo "make clean                              remove .venv, build outputs and caches"
 
 venv .venv: $(STAMP)
@@ -60,8 +61,15 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV_PY) benchmarks/bench_engine.py
 
+# External tools for benchmarks/bench_guidellm.py, apart from tandem's own venv: guidellm (the load generator) and
+# llama-cpp-python's OpenAI server (the CPU peer, compiled from source). Both pin torch like every pip command here.
+PEERS_VENV := .venv-peers
+peers: $(STAMP)
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install $(TORCH) 'llama-cpp-python[server]==0.3.36' 'guidellm==0.8.1'
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) build dist *.egg-info .pytest_cache
 	find . -type d -name __pycache__ -prune -exec rm -rf {} +
 
 # Regenerates the committed stubs in tandem/v1 from proto/ (tests/test_proto.py checks they are current).
