@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import signal
 import subprocess
@@ -73,9 +74,9 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with code {proc.returncode} before {url} answered")
         try:
-            _get_json(url)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            with urllib.request.urlopen(url, timeout=2.0):
+                return  # any 2xx; /health is 503 until every pool has a live worker
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
@@ -103,6 +104,15 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def mode_args(mode: str) -> list[str]:
+    """The machine's cores for each mode: one worker per core disaggregated (`tandem up`'s default), one worker
+    with every core colocated (its default would give it one)."""
+    if mode == "colocated":
+        cores = str(os.cpu_count() or 1)
+        return ["--workers", "1", "--num-cpus-per-worker", cores, "--torch-threads", cores]
+    return []
 
 
 def start_tandem(http_port: int, grpc_port: int, mode: str, log_dir: Path, extra: list[str]) -> Server:
@@ -163,8 +173,13 @@ def run_guidellm(target: str, tokenizer_dir: Path, out_dir: Path, label: str, ar
     argv = guidellm_argv(target, model, tokenizer_dir, out_json, args)
     print("$", shlex.join(argv), flush=True)
     # guidellm's own bound is --max-seconds; this one only guards against a wedged client.
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(argv, check=True, timeout=args.max_seconds + 300, stdout=subprocess.DEVNULL)
-    return summarize_guidellm(json.loads(out_json.read_text()), label)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary = summarize_guidellm(json.loads(out_json.read_text()), label)
+    # The client shares the machine with the server: its CPU time is part of the result.
+    summary["client_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return summary
 
 
 def summarize_guidellm(report: dict, label: str) -> dict:
@@ -196,7 +211,7 @@ def summarize_guidellm(report: dict, label: str) -> dict:
 def peer_comparison(args, out_dir: Path, tokenizer_dir: Path) -> list[dict]:
     rows = []
     for mode in args.modes:
-        server = start_tandem(args.http_port, args.grpc_port, mode, out_dir, args.tandem_args)
+        server = start_tandem(args.http_port, args.grpc_port, mode, out_dir, mode_args(mode) + args.tandem_args)
         try:
             rows.append(run_guidellm(f"http://127.0.0.1:{args.http_port}", tokenizer_dir, out_dir,
                                      f"tandem-{mode}", args))
@@ -244,21 +259,24 @@ def loadtest_agreement(args, out_dir: Path, tokenizer_dir: Path) -> list[dict]:
     apply_scenario(args, args.scenario)
     args.max_requests = max(args.max_requests, 10 * args.max_seconds)  # the duration bounds both runs
     mode = args.modes[0]
-    server = start_tandem(args.http_port, args.grpc_port, mode, out_dir, args.tandem_args)
+    server = start_tandem(args.http_port, args.grpc_port, mode, out_dir, mode_args(mode) + args.tandem_args)
     try:
         lt_dir = out_dir / "loadtest"
         argv = [str(REPO / ".venv" / "bin" / "tandem"), "loadtest", args.scenario, "--target",
                 f"127.0.0.1:{args.grpc_port}", "--duration", str(args.max_seconds), "--output-dir", str(lt_dir),
                 "--no-progress"]
         print("$", shlex.join(argv), flush=True)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(argv, check=True, timeout=args.max_seconds + 600)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         lt = json.loads((lt_dir / "result.json").read_text())
         rows = [{
-            "label": f"tandem loadtest {args.scenario}", "completed": lt["completed"], "errored": lt["failed"],
+            "label": f"tandem loadtest {Path(args.scenario).stem}", "completed": lt["completed"], "errored": lt["failed"],
             "incomplete": 0, "duration_s": lt["duration"], "request_throughput": lt["request_throughput"],
             "output_throughput": lt["output_throughput"], "median_ttft_ms": lt["median_ttft_ms"],
             "p99_ttft_ms": lt["p99_ttft_ms"], "median_tpot_ms": lt["median_tpot_ms"],
             "median_itl_ms": lt["median_itl_ms"], "median_e2el_s": lt["median_e2el_ms"] / 1e3,
+            "client_cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         }]
         rows.append(run_guidellm(f"http://127.0.0.1:{args.http_port}", tokenizer_dir, out_dir, "guidellm", args))
     finally:
@@ -268,13 +286,13 @@ def loadtest_agreement(args, out_dir: Path, tokenizer_dir: Path) -> list[dict]:
 
 def markdown(rows: list[dict], ratio_to: str | None = None) -> str:
     head = ("| run | completed | errored | output tok/s | req/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-            "| ITL p50 (ms) |")
-    lines = [head, "|" + "---|" * 9]
+            "| ITL p50 (ms) | client CPU (cores) |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['completed']} | {r['errored'] + r['incomplete']} | {r['output_throughput']:.1f} "
             f"| {r['request_throughput']:.2f} | {r['median_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} "
-            f"| {r['median_tpot_ms']:.1f} | {r['median_itl_ms']:.1f} |")
+            f"| {r['median_tpot_ms']:.1f} | {r['median_itl_ms']:.1f} | {r['client_cpu_s'] / r['duration_s']:.2f} |")
     if ratio_to:
         base = next(r for r in rows if r["label"] == ratio_to)
         for r in rows:
@@ -330,7 +348,8 @@ def main() -> int:
         rows = loadtest_agreement(args, out_dir, tokenizer_dir)
         ratio_to = "guidellm"
     elif args.serve == "tandem":
-        server = start_tandem(args.http_port, args.grpc_port, args.modes[0], out_dir, args.tandem_args)
+        server = start_tandem(args.http_port, args.grpc_port, args.modes[0], out_dir,
+                              mode_args(args.modes[0]) + args.tandem_args)
         try:
             rows = [run_guidellm(f"http://127.0.0.1:{args.http_port}", tokenizer_dir, out_dir,
                                  f"tandem-{args.modes[0]}", args)]

@@ -3,7 +3,6 @@ must be the ones the server scripted."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 
 import grpc

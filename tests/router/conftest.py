@@ -78,6 +78,24 @@ class Env:
         self.aio.run(self.registry.stop())
 
 
+def real_router_env(aio: LoopThread, model: ServedModel, workers: list, telemetry=None, **config) -> Env:
+    """A Router over a FakeRegistry that lists `workers` (real WorkerServers, already started), ready to serve."""
+    registry = FakeRegistry()
+
+    async def start():
+        await registry.start()
+        registry.set_workers([w.info for w in workers])
+        options = dict(port=0, http_port=0, registry_address=registry.address, registry_poll_interval_s=0.05,
+                       stats_poll_interval_s=0.02)
+        router = Router(RouterConfig(**{**options, **config}), model=model, telemetry=telemetry)
+        address = await router.start()
+        await router.wait_ready(timeout_s=30)
+        return router, address
+
+    router, address = aio.run(start(), timeout=60)
+    return Env(aio, FakeCluster(), registry, [], router, address, model)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():

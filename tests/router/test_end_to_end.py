@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from router import Router, RouterConfig
 from tandem.v1 import generation_pb2 as pb
-from tests.router.conftest import Env, wait_for
-from tests.router.fakes import FakeCluster, FakeRegistry
+from tests.router.conftest import real_router_env, wait_for
 from tests.router.helpers import Stream
+from tests.servers import worker_servers
 
 pytestmark = pytest.mark.slow
 
@@ -25,35 +24,14 @@ def chat_request(max_tokens: int = 24) -> pb.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def real_workers():
-    from workers.server import WorkerConfig, WorkerServer
-
-    engine = dict(kv_cache_memory_bytes=64 << 20, max_model_len=1024)
-    workers = [WorkerServer(WorkerConfig(role=role, engine=engine, torch_threads=1))
-               for role in ("prefill", "decode", "decode")]
-    for w in workers:
-        w.start()
-    yield workers
-    for w in workers:
-        if w.info is not None:
-            w.stop()
+    with worker_servers(("prefill", "decode", "decode")) as workers:
+        yield workers
 
 
 @pytest.fixture
 def real_env(aio, served_model, real_workers):
-    registry = FakeRegistry()
-    live = [w for w in real_workers if w.info is not None]
-
-    async def start():
-        await registry.start()
-        registry.set_workers([w.info for w in live])
-        router = Router(RouterConfig(port=0, http_port=0, registry_address=registry.address, max_local_prefill_length=8,
-                                     registry_poll_interval_s=0.05, stats_poll_interval_s=0.02), model=served_model)
-        address = await router.start()
-        await router.wait_ready(timeout_s=10)
-        return router, address
-
-    router, address = aio.run(start())
-    env = Env(aio, FakeCluster(), registry, [], router, address, served_model)
+    env = real_router_env(aio, served_model, [w for w in real_workers if w.info is not None],
+                          max_local_prefill_length=8)
     yield env
     env.close()
 

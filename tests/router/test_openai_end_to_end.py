@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from router import Router, RouterConfig
 from tandem.v1 import generation_pb2 as pb
-from tests.router.conftest import Env
-from tests.router.fakes import FakeCluster, FakeRegistry
+from tests.router.conftest import real_router_env
 from tests.router.helpers import Stream
 from tests.router.test_openai_http import HTTPClient
+from tests.servers import worker_servers
 
 pytestmark = pytest.mark.slow
 
@@ -19,33 +18,14 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def real_workers():
-    from workers.server import WorkerConfig, WorkerServer
-
-    engine = dict(kv_cache_memory_bytes=64 << 20, max_model_len=1024)
-    workers = [WorkerServer(WorkerConfig(role=role, engine=engine, torch_threads=1)) for role in ("prefill", "decode")]
-    for w in workers:
-        w.start()
-    yield workers
-    for w in workers:
-        w.stop()
+    with worker_servers(("prefill", "decode")) as workers:
+        yield workers
 
 
 @pytest.fixture
 def env(aio, served_model, real_workers):
-    registry = FakeRegistry()
-
-    async def start():
-        await registry.start()
-        registry.set_workers([w.info for w in real_workers])
-        router = Router(RouterConfig(port=0, http_port=0, registry_address=registry.address, max_local_prefill_length=4,
-                                     registry_poll_interval_s=0.05, stats_poll_interval_s=0.02), model=served_model)
-        address = await router.start()
-        await router.wait_ready(timeout_s=10)
-        return router, address
-
-    router, address = aio.run(start())
-    env = Env(aio, FakeCluster(), registry, [], router, address, served_model)
-    env.http = HTTPClient(router.http_address, timeout_s=60)
+    env = real_router_env(aio, served_model, real_workers, max_local_prefill_length=4)
+    env.http = HTTPClient(env.router.http_address, timeout_s=60)
     yield env
     env.http.close()
     env.close()

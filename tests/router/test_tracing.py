@@ -15,15 +15,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
-from router import Router, RouterConfig
 from router.convert import generate_input_from_proto
 from router.metrics import DURATION_BUCKETS_S, TOKEN_BUCKETS, TPOT_BUCKETS_S, TTFT_BUCKETS_S
 from router.request import GenerateCall
 from tandem.telemetry import Telemetry
 from tandem.v1 import generation_pb2 as pb
-from tests.router.conftest import Env, wait_for
-from tests.router.fakes import FakeCluster, FakeRegistry
+from tests.router.conftest import real_router_env, wait_for
 from tests.router.helpers import Stream, text_request
+from tests.servers import worker_servers
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "tandem-dashboard.json"
 # Long enough (> max_local_prefill_length=64 tokens) to be prefilled on the prefill worker.
@@ -31,12 +30,6 @@ LONG_PROMPT = ("In a quiet valley between two rivers there was a village of pott
                "from the banks, every summer they fired their kilns through the short nights, and every autumn "
                "they loaded their carts and drove to the market town beyond the hills, where merchants from the "
                "coast paid in salt, cloth and stories. Tell the story of the youngest potter's first journey.")
-
-
-def with_telemetry(router: Router) -> None:
-    """Hands the router's Telemetry to its requests (a no-op once Router.start() passes it to RouterServices)."""
-    if router.services.telemetry is None:
-        router.services = dataclasses.replace(router.services, telemetry=router.telemetry)
 
 
 def samples(text: bytes) -> list:
@@ -59,7 +52,6 @@ def bucket_bounds(text: bytes, name: str) -> list[float]:
 
 def test_router_exposes_genai_metrics_and_request_counters(make_env):
     env = make_env(prefill=1, decode=1)
-    with_telemetry(env.router)
     for _ in range(2):
         assert Stream(env.generate(text_request(max_tokens=5))).complete.finish_reason == pb.FINISH_REASON_LENGTH
     env.by_role("prefill")[0].prefill_error = (grpc.StatusCode.INTERNAL, "boom")
@@ -96,7 +88,6 @@ def test_router_exposes_genai_metrics_and_request_counters(make_env):
 
 def test_router_counts_migrations(make_env):
     env = make_env(prefill=1, decode=2)
-    with_telemetry(env.router)
     for w in env.by_role("decode"):
         w.decode_error, w.decode_error_after = (grpc.StatusCode.UNAVAILABLE, "gone"), 2
     env.by_role("decode")[1].decode_error = None  # the second one works
@@ -163,42 +154,20 @@ def test_failed_request_marks_its_span(make_env):
 def traced(aio, served_model):
     """A router, a prefill and a decode worker (real engines), all exporting spans to one exporter; after a
     disaggregated request and the same prompt again (prefilled on the decode worker from its prefix cache)."""
-    from workers.server import WorkerConfig, WorkerServer
-
     exporter = InMemorySpanExporter()
-    engine = dict(kv_cache_memory_bytes=64 << 20, max_model_len=1024)
-    workers = [WorkerServer(WorkerConfig(role=role, engine=engine, torch_threads=1),
-                            telemetry=Telemetry("tandem-worker", span_exporter=exporter))
-               for role in ("prefill", "decode")]
-    for w in workers:
-        w.start()
-    registry = FakeRegistry()
-
-    async def start():
-        await registry.start()
-        registry.set_workers([w.info for w in workers])
+    with worker_servers(("prefill", "decode"), lambda: Telemetry("tandem-worker", span_exporter=exporter)) as workers:
         # A generous MatchPrefix timeout: the second request must see the decode worker's cache.
-        config = RouterConfig(port=0, http_port=0, registry_address=registry.address, match_prefix_timeout_s=5.0,
-                              registry_poll_interval_s=0.05, stats_poll_interval_s=0.02)
-        router = Router(config, model=served_model, telemetry=Telemetry("tandem-router", span_exporter=exporter))
-        address = await router.start()
-        await router.wait_ready(timeout_s=30)
-        with_telemetry(router)
-        return router, address
-
-    router, address = aio.run(start(), timeout=60)
-    env = Env(aio, FakeCluster(), registry, [], router, address, served_model)
-    streams = {}
-    for request_id in ("disaggregated", "local"):
-        request = pb.GenerateRequest(request_id=request_id, text=LONG_PROMPT, sampling=pb.SamplingParams(
-            temperature=0.0, max_tokens=8, ignore_eos=True))
-        streams[request_id] = Stream(env.generate(request, timeout=60))
-    try:
-        yield env, workers, exporter, streams
-    finally:
-        env.close()
-        for w in workers:
-            w.stop()
+        env = real_router_env(aio, served_model, workers, telemetry=Telemetry("tandem-router", span_exporter=exporter),
+                              match_prefix_timeout_s=5.0)
+        try:
+            streams = {}
+            for request_id in ("disaggregated", "local"):
+                request = pb.GenerateRequest(request_id=request_id, text=LONG_PROMPT, sampling=pb.SamplingParams(
+                    temperature=0.0, max_tokens=8, ignore_eos=True))
+                streams[request_id] = Stream(env.generate(request, timeout=60))
+            yield env, workers, exporter, streams
+        finally:
+            env.close()
 
 
 def trace_of(exporter: InMemorySpanExporter, request_id: str, names: set[str]) -> dict:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
+from tests.servers import worker_servers
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +21,8 @@ PROMPT = list(range(1000, 1100))  # 100 tokens: several full blocks, for prefix-
 
 @pytest.fixture(scope="module")
 def workers():
-    from workers.server import WorkerConfig, WorkerServer
-
-    engine = dict(kv_cache_memory_bytes=64 << 20, max_model_len=1024)
-    servers = [WorkerServer(WorkerConfig(role=role, engine=engine, torch_threads=1)) for role in ("prefill", "decode")]
-    for s in servers:
-        s.start()
-    yield servers
-    for s in servers:
-        s.stop()
+    with worker_servers(("prefill", "decode")) as servers:
+        yield servers
 
 
 def stub(server) -> worker_pb2_grpc.WorkerStub:
