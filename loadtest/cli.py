@@ -112,8 +112,12 @@ def _run(args, name: str) -> int:
     scenario = _scenario(args, name, sweep=False)
     out = _output_dir(args, scenario.name)
     tokenizer = _load_tokenizer(args)
-    with _progress(args, scenario.name) as progress:
-        result = run_scenario(scenario, tokenizer, target=args.target, output_dir=out, progress=progress)
+    try:
+        with _progress(args, scenario.name) as progress:
+            result = run_scenario(scenario, tokenizer, target=args.target, output_dir=out, progress=progress)
+    except KeyboardInterrupt:
+        print(f"tandem loadtest: interrupted; the requests that ended are in {out}/", file=sys.stderr)
+        return 130
     print(markdown_summary(result))
     print(f"tandem loadtest: wrote {out}/ (result.json, summary.md, latency_cdf.png, timeline.png)", file=sys.stderr)
     return 0 if result["completed"] else 1
@@ -131,8 +135,13 @@ def _sweep(args, name: str) -> int:
                          drop_margin=args.drop_margin)
     out = _output_dir(args, f"{scenario.name}-sweep")
     tokenizer = _load_tokenizer(args)
-    with _progress(args, scenario.name) as progress:
-        sweep = run_sweep(scenario, tokenizer, target=args.target, output_dir=out, config=config, progress=progress)
+    try:
+        with _progress(args, scenario.name) as progress:
+            sweep = run_sweep(scenario, tokenizer, target=args.target, output_dir=out, config=config,
+                              progress=progress)
+    except KeyboardInterrupt:
+        print(f"tandem loadtest: interrupted; the steps run so far are in {out}/rate-*/", file=sys.stderr)
+        return 130
     print(markdown_sweep(sweep))
     print(f"tandem loadtest: wrote {out}/ (sweep.json, summary.md, goodput_vs_rate.png, rate-*/)", file=sys.stderr)
     return 0

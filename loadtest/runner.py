@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,10 +33,26 @@ def run_scenario(scenario: Scenario, tokenizer, *, target: str, output_dir: Path
     """Run `scenario` against `target` and write result.json, summary.md and the plots to `output_dir`.
 
     `progress` (loadtest.progress.RunProgress or None) shows requests as they end. Returns the result dict.
+    Interrupted (Ctrl-C), the requests that ended so far are still written, with `"interrupted": true`, and the
+    KeyboardInterrupt goes on to the caller.
     """
-    load = asyncio.run(drive(scenario, tokenizer, target=target,
-                             on_start=progress.start if progress else (lambda total: None),
-                             on_record=progress.advance if progress else None))
+    ended: list[RequestRecord] = []
+
+    def on_record(record: RequestRecord) -> None:
+        ended.append(record)
+        if progress:
+            progress.advance(record)
+
+    start = time.perf_counter()
+    try:
+        load = asyncio.run(drive(scenario, tokenizer, target=target,
+                                 on_start=progress.start if progress else (lambda total: None), on_record=on_record))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the requests in flight: they are not counted, as if never sent.
+        load = LoadResult(sorted(ended, key=lambda r: r.index), time.perf_counter() - start)
+        result = {**build_result(scenario, load, target=target), "interrupted": True}
+        write_outputs(result, load, scenario, output_dir)
+        raise
     result = build_result(scenario, load, target=target)
     write_outputs(result, load, scenario, output_dir)
     return result

@@ -145,3 +145,32 @@ def test_cli_errors_name_the_problem(capsys, tmp_path):
     assert "--rate, --concurrency: give one" in capsys.readouterr().err
     assert main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_requests_that_ended(tmp_path, fake_server):
+    """Nothing is lost: an interrupted run still writes result.json (marked interrupted) with what finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server = fake_server(ttft_s=0.02, token_delay_s=0.01)
+    out = tmp_path / "run"
+    # 2 req/s for 60 s; interrupted once a few requests have ended.
+    scenario = _write_scenario(tmp_path, arrival={"process": "constant", "rate": 2.0}, num_requests=120)
+    proc = subprocess.Popen([sys.executable, "-m", "loadtest", scenario, "--target", server.address,
+                             "--output-dir", str(out), "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(server.requests) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert len(server.requests) >= 4, proc.stderr.read() if proc.poll() is not None else "no requests arrived"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["interrupted"] is True
+    assert 3 <= result["completed"] < 120 and result["failed"] == 0
+    assert len(result["requests"]) == result["completed"]
+    assert (out / "summary.md").exists() and (out / "latency_cdf.png").exists()
