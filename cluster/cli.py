@@ -68,9 +68,11 @@ def _up(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster.config import ClusterConfig  # imports ray: only for `up`
 
-    engine = {k: v for k, v in (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens),
-                                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
-                                ("enable_chunked_prefill", args.enable_chunked_prefill)) if v is not None}
+    options = (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
+               ("max_num_batched_tokens", args.max_num_batched_tokens),
+               ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
+               ("enable_chunked_prefill", args.enable_chunked_prefill))
+    engine = {k: v for k, v in options if v is not None}
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"
     try:
