@@ -22,6 +22,7 @@ from router.errors import RouterError
 from router.openai_api import (CHAT, COMPLETION, OpenAIRequest, ResponseBuilder, error_body, new_response_id,
                                parse_request, router_error_body)
 from router.request import GenerateCall
+from tandem.telemetry import metrics_handler
 from tandem.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class OpenAIServer:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/metrics", metrics_handler(router.telemetry))
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=SHUTDOWN_TIMEOUT_S)
 
@@ -88,10 +89,6 @@ class OpenAIServer:
             empty = [p for p in router.config.pools if not router.pool.num_live(p)]
             return _error(503, f"no live worker in the {', '.join(empty)} pool")
         return web.Response(status=200)
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        body, content_type = self.router.telemetry.metrics_text()
-        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # --- generation ---------------------------------------------------------------------------------------
 

@@ -136,6 +136,17 @@ def epoch_ns_from_perf_counter(t: float) -> int:
 # --- /metrics over HTTP ------------------------------------------------------------------------------------
 
 
+def metrics_handler(telemetry: Telemetry):
+    """An aiohttp handler for `GET /metrics` that renders `telemetry`'s metrics."""
+    from aiohttp import web
+
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = telemetry.metrics_text()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    return metrics
+
+
 async def start_metrics_server(telemetry: Telemetry, host: str, port: int):
     """Serve `GET /metrics` on the running event loop (aiohttp); returns (runner, "host:port" bound).
 
@@ -143,12 +154,8 @@ async def start_metrics_server(telemetry: Telemetry, host: str, port: int):
     """
     from aiohttp import web
 
-    async def metrics(request: web.Request) -> web.Response:
-        body, content_type = telemetry.metrics_text()
-        return web.Response(body=body, headers={"Content-Type": content_type})
-
     app = web.Application()
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_handler(telemetry))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
