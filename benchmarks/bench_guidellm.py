@@ -364,16 +364,21 @@ def main() -> int:
     else:
         rows = [run_guidellm(args.target or f"http://127.0.0.1:{args.http_port}", tokenizer_dir, out_dir, "target", args)]
 
-    result = {
+    report(rows, out_dir, markdown(rows, ratio_to) if args.markdown else None)
+    return 0
+
+
+def report(rows: list[dict], out_dir: Path, markdown_text: str | None) -> None:
+    """Write summary.json (the rows with the command, date and machine) and print the markdown, or the JSON."""
+    summary = {
         "command": shlex.join([sys.executable, *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "rows": rows,
     }
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    print(markdown(rows, ratio_to) if args.markdown else json.dumps(result, indent=2))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(markdown_text if markdown_text is not None else json.dumps(summary, indent=2))
     print(f"\nresults in {out_dir}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

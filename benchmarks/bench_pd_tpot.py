@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_guidellm import REPO, start_tandem  # noqa: E402
+from bench_guidellm import REPO, report, start_tandem  # noqa: E402
 
 CONFIGS = {
     "disaggregated": ["--mode", "disaggregated", "--torch-threads", "1", "--max-model-len", "2048"],
@@ -86,15 +84,7 @@ def main() -> int:
     out_dir = args.output_dir or REPO / "bench-results" / "pd-tpot" / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [run_config(name, args, out_dir) for name in args.configs]
-    summary = {
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "rows": rows,
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(markdown(rows) if args.markdown else json.dumps(summary, indent=2))
-    print(f"\nresults in {out_dir}", file=sys.stderr)
+    report(rows, out_dir, markdown(rows) if args.markdown else None)
     return 0
 
 
