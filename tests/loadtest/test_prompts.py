@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from loadtest.prompts import RequestFactory, open_loop_plan
+import pytest
+
+from loadtest.prompts import RequestFactory, load_tokenizer, open_loop_plan
 from loadtest.scenario import load_scenario, scenario_from_dict
 
 BLOCK = 16  # a prefix-cache block: prompts that differ in their first block share nothing
@@ -62,3 +64,15 @@ def test_same_seed_same_requests_and_times(tokenizer):
     assert {s.kind for s in a} == {"decode-heavy", "long-prompt"}
     # Request i is the same whether made in a plan or alone (a closed loop makes them as it goes).
     assert RequestFactory(scenario, tokenizer).make(3, a[3].arrival_s) == a[3]
+
+
+def test_tokenizer_from_a_gguf_file_or_a_saved_tokenizer_folder(tokenizer, tmp_path):
+    from workers.model.loader import find_default_model
+
+    text = "Prompts are cut to exact token counts."
+    from_gguf = load_tokenizer(str(find_default_model()))
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    from_folder = load_tokenizer(str(tmp_path / "tok"))
+    assert from_gguf.encode(text) == from_folder.encode(text) == tokenizer.encode(text)
+    with pytest.raises(ValueError, match="^--tokenizer: model: .* does not exist"):
+        load_tokenizer(str(tmp_path / "missing"))
