@@ -5,6 +5,7 @@ Every failure is a RouterError whose message names the field, as the Generation 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -63,15 +64,22 @@ def prompt_from_tokenize_request(msg: pb.TokenizeRequest, model: ServedModel) ->
 def _encode(kind: str | None, msg: pb.GenerateRequest | pb.TokenizeRequest, model: ServedModel) -> list[int]:
     if kind is None:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "input: must be set (text, token_ids or chat)")
+    if kind == "text":
+        return encode_prompt(lambda: model.encode_text(msg.text))
+    messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+    for i, m in enumerate(messages):
+        if not m["role"]:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"input: chat.messages[{i}].role must be set")
+    return encode_prompt(lambda: model.encode_chat(messages))
+
+
+def encode_prompt(encode: Callable[[], list[int]], field: str = "input") -> list[int]:
+    """Run a tokenizer call (ServedModel.encode_text or encode_chat); a failure is INVALID_ARGUMENT naming
+    `field`, the field of the client's API that held the prompt."""
     try:
-        if kind == "text":
-            return model.encode_text(msg.text)
-        messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-        for i, m in enumerate(messages):
-            if not m["role"]:
-                raise ValueError(f"input: chat.messages[{i}].role must be set")
-        return model.encode_chat(messages)
+        return encode()
     except ValueError as e:
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        # ServedModel's messages name the gRPC field ("input: ..."); name the caller's.
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {str(e).removeprefix('input: ')}") from None
     except Exception as e:  # a chat template may raise anything (jinja's TemplateError for an unsupported role)
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"input: the chat template failed: {e}") from None
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: the chat template failed: {e}") from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from router.convert import GenerateInput, check_model
+from router.convert import GenerateInput, check_model, encode_prompt
 from router.errors import RouterError
 from router.model import ServedModel
 from tandem.v1 import generation_pb2 as pb
@@ -204,13 +204,7 @@ def _content(content: object, field: str) -> str:
 
 
 def _encode(encode: Callable[[], list[int]], field: str) -> list[int]:
-    try:
-        ids = encode()
-    except ValueError as e:
-        # ServedModel names the gRPC field ("input: ..."); name this API's.
-        raise bad_request(f"{field}: {str(e).removeprefix('input: ')}") from None
-    except Exception as e:  # a chat template may raise anything (jinja's TemplateError for an unsupported role)
-        raise bad_request(f"{field}: the chat template failed: {e}") from None
+    ids = encode_prompt(encode, field)
     if not ids:
         raise bad_request(f"{field}: the prompt is empty")
     return ids
