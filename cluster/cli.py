@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 import grpc
 
 from loadtest import cli as loadtest_cli
+from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -50,6 +52,11 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
+    p.add_argument("--max-queue-time-s", type=float, default=None,
+                   help="refuse requests whose estimated queue time exceeds this (default: only their deadline)")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                   help="workers' scheduling; default priority when a tenant has a priority, else fcfs")
+    add_auth_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "bounded by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -73,6 +80,15 @@ def _up(args) -> int:
                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
                ("enable_chunked_prefill", args.enable_chunked_prefill))
     engine = {k: v for k, v in options if v is not None}
+    try:
+        tenancy = tenancy_from_args(args, os.environ)
+        tenancy.check_host(args.host)  # before Ray and the workers start
+    except ValueError as e:
+        print(f"tandem up: {e}", file=sys.stderr)
+        return 2
+    policy = args.scheduling_policy or ("priority" if any(t.priority for t in tenancy.tenants) else None)
+    if policy is not None:
+        engine["scheduling_policy"] = policy
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"
     try:
@@ -88,8 +104,10 @@ def _up(args) -> int:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
     router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
-                                        ("max_queued_requests", args.max_queued_requests)) if v is not None}
+                                        ("max_queued_requests", args.max_queued_requests),
+                                        ("max_queue_time_s", args.max_queue_time_s)) if v is not None}
     router_options["http_port"] = args.http_port
+    router_options["tenancy"] = tenancy
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
