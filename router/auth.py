@@ -14,7 +14,7 @@ from router.errors import RouterError
 from router.tenants import KeyStore, Tenant
 
 # Where the HTTP middleware leaves the caller's Tenant on the aiohttp request.
-TENANT = "tandem.tenant"
+TENANT = web.RequestKey("tandem.tenant", Tenant)
 OPEN_GRPC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 OPEN_HTTP_PATHS = ("/health", "/metrics")
 
