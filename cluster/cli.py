@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub.add_parser("generate", help="stream a completion from a running router"))
     st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    st.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
     loadtest_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
@@ -154,6 +155,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
 
 
 def _generate(args) -> int:
@@ -170,7 +172,7 @@ def _generate(args) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
-            for resp in stub.Generate(req, timeout=args.timeout):
+            for resp in stub.Generate(req, timeout=args.timeout, metadata=_auth_metadata(args.api_key)):
                 if resp.HasField("chunk"):
                     print(resp.chunk.text, end="", flush=True)
                 else:
@@ -189,12 +191,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 # --- tandem status ------------------------------------------------------------------------------------
 
 def _status(args) -> int:
     with grpc.insecure_channel(args.address) as channel:
         try:
-            status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10)
+            status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10,
+                                                                    metadata=_auth_metadata(args.api_key))
         except grpc.RpcError as e:
             print(f"tandem status: {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -53,8 +53,9 @@ class Tenant:
     # None: no limit.
     requests_per_second: float | None = None
     tokens_per_minute: int | None = None
-    # Lower is served first; the tenant's requests may ask for this or any larger value.
-    priority: int = 0
+    # Lower is served first; the tenant's requests may ask for this or any larger value. None (ANONYMOUS only):
+    # requests keep the priority they ask for.
+    priority: int | None = 0
 
     def __post_init__(self):
         if not self.name:
@@ -63,12 +64,14 @@ class Tenant:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ValueError(f"tenants.{self.name}.{name}: must be a number > 0, got {value!r}")
-        if not isinstance(self.priority, int) or not -2**31 <= self.priority < 2**31:
+        if self.priority is not None and (not isinstance(self.priority, int) or not -2**31 <= self.priority < 2**31):
             raise ValueError(f"tenants.{self.name}.priority: must be a 32-bit integer, got {self.priority!r}")
 
     def request_priority(self, requested: int) -> int:
         """The priority a request of this tenant runs with: its own when it sends one (non-zero: proto3 cannot tell
         0 from unset), else the tenant's. PERMISSION_DENIED when it asks to go before its tenant's priority."""
+        if self.priority is None:
+            return requested
         if requested == 0:
             return self.priority
         if requested < self.priority:
@@ -79,7 +82,7 @@ class Tenant:
 
 
 # Every request's tenant while auth is off: no limits, the client's own priority.
-ANONYMOUS = Tenant(DEFAULT_TENANT)
+ANONYMOUS = Tenant(DEFAULT_TENANT, priority=None)
 
 
 @dataclass(frozen=True)

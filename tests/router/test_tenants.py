@@ -251,3 +251,10 @@ def test_a_high_priority_tenant_overtakes_a_low_priority_queue_on_a_real_worker(
     finally:
         env.close()
         worker.stop()
+
+
+def test_auth_off_on_loopback_keeps_the_clients_priority(make_env):
+    env = make_env()
+    req = pb.GenerateRequest(text="Hi", priority=-3, sampling=pb.SamplingParams(max_tokens=2))
+    assert Stream(env.generate(req)).complete
+    assert [d.request.priority for d in env.by_role("decode")[0].decodes] == [-3]
