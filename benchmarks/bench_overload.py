@@ -1,6 +1,7 @@
 """Overload: a burst at 10x the sustainable rate gets fast refusals, and the requests admitted keep their SLO.
 
-Starts `tandem up` (1 prefill + 1 decode worker, the default model, `--max-queue-time-s` = the TTFT SLO), then:
+Starts `tandem up` (1 prefill + 1 decode worker, the default model, `--max-queue-time-s` = the TTFT SLO, and
+`--max-num-seqs` = the streams of step 1, which bounds the decode batch and so TPOT), then:
   1. sustainable rate: `--streams` closed-loop clients for `--measure-s` seconds; completed requests per second;
   2. burst: open-loop arrivals at `--burst-factor` (10) times that rate for `--burst-s` seconds, each request with
      a gRPC deadline of `--deadline-s`.
@@ -48,7 +49,9 @@ async def one(stub, i: int, max_tokens: int, deadline_s: float) -> dict:
                     ttft = time.perf_counter() - t0
                 n += len(resp.chunk.token_ids)
     except grpc.aio.AioRpcError as e:
-        return {"code": e.code().name, "latency_s": time.perf_counter() - t0, "ttft_s": ttft}
+        retry_after = dict(e.trailing_metadata() or ()).get("retry-after")
+        return {"code": e.code().name, "latency_s": time.perf_counter() - t0, "ttft_s": ttft,
+                "retry_after_s": float(retry_after) if retry_after else None}
     e2e = time.perf_counter() - t0
     tpot = (e2e - ttft) / (n - 1) if n > 1 else None
     return {"code": "OK", "latency_s": e2e, "ttft_s": ttft, "tpot_s": tpot, "tokens": n}
@@ -61,7 +64,10 @@ async def sustainable_rate(stub, streams: int, duration_s: float, max_tokens: in
 
     async def client():
         while time.perf_counter() < end:
-            results.append(await one(stub, next(counter), max_tokens, 600))
+            result = await one(stub, next(counter), max_tokens, 600)
+            results.append(result)
+            if result["code"] == "RESOURCE_EXHAUSTED":  # a client that honours retry-after, not a tight loop
+                await asyncio.sleep(result["retry_after_s"] or 1.0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(streams)))
@@ -132,7 +138,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grpc-port", type=int, default=50071)
     p.add_argument("--http-port", type=int, default=8071)
-    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="the workers' batch bound, which bounds TPOT (default: --streams)")
     p.add_argument("--measure-s", type=float, default=40)
     p.add_argument("--burst-factor", type=float, default=10)
     p.add_argument("--burst-s", type=float, default=20)
@@ -146,7 +154,8 @@ def main() -> int:
     out_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="bench_overload-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     server = start_tandem(args.http_port, args.grpc_port, "disaggregated", out_dir,
-                          ["--torch-threads", "1", "--max-queue-time-s", str(args.slo_ttft_s)])
+                          ["--torch-threads", "1", "--max-queue-time-s", str(args.slo_ttft_s),
+                           "--max-num-seqs", str(args.max_num_seqs or args.streams)])
     try:
         rate, rows = asyncio.run(run(args))
     finally:

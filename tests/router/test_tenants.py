@@ -170,14 +170,17 @@ def test_queue_time_estimate_refuses_what_cannot_start_before_its_deadline():
     admission.admit(("decode",), "t")
     now[0] += 1.0
     admission.release("decode", "t")
-    assert admission.estimated_wait_s("decode") == pytest.approx(1.0)
-    for _ in range(4):
+    # Nothing queued: no wait, whatever was measured, so a pessimistic estimate cannot refuse everything forever.
+    assert admission.estimated_wait_s("decode") == 0
+    admission.admit(("decode",), "t", time_remaining_s=0.1)
+    for _ in range(3):
         admission.admit(("decode",), "t", time_remaining_s=30)
-    # 4 queued, one first token a second: a new request waits ~5 s.
+    assert admission.estimated_wait_s("decode") == pytest.approx(4.0)
+    # 4 queued, one first token a second: a new request waits ~4 s.
     with pytest.raises(Exception) as info:
         admission.admit(("decode",), "t", time_remaining_s=2.0)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s == pytest.approx(3.0)
-    admission.admit(("decode",), "t", time_remaining_s=6.0)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s == pytest.approx(2.0)
+    admission.admit(("decode",), "t", time_remaining_s=5.0)
     assert admission.num_queued("decode") == 5
     bounded = Admission(("decode",), max_queued=100, max_queue_time_s=2.0, clock=lambda: now[0])
     bounded._pools = admission._pools  # the same measurements
@@ -258,3 +261,21 @@ def test_auth_off_on_loopback_keeps_the_clients_priority(make_env):
     req = pb.GenerateRequest(text="Hi", priority=-3, sampling=pb.SamplingParams(max_tokens=2))
     assert Stream(env.generate(req)).complete
     assert [d.request.priority for d in env.by_role("decode")[0].decodes] == [-3]
+
+
+def test_a_burst_past_the_queue_time_is_refused_at_once_not_left_to_time_out(make_env):
+    env = make_env(max_queue_time_s=0.5)
+    env.by_role("prefill")[0].prefill_delay_s = 0.2
+    for _ in range(4):  # measured: about one first token per 0.2 s
+        assert Stream(env.generate(text_request(max_tokens=2))).complete
+    calls = [env.stub.Generate(text_request(max_tokens=2), timeout=30) for _ in range(20)]
+    outcomes = []
+    for call in calls:
+        try:
+            outcomes.append(("OK", Stream(list(call)).complete.finish_reason))
+        except grpc.RpcError as e:
+            outcomes.append((e.code().name, trailing(e).get("retry-after")))
+    refused = [o for o in outcomes if o[0] == "RESOURCE_EXHAUSTED"]
+    assert refused and all(int(retry_after) >= 1 for _, retry_after in refused)
+    assert {code for code, _ in outcomes} <= {"OK", "RESOURCE_EXHAUSTED"}  # none waited out its deadline
+    assert any(code == "OK" for code, _ in outcomes)
