@@ -6,13 +6,14 @@ Three checks per pool, each a RESOURCE_EXHAUSTED (HTTP 429) with a retry-after w
   - fair share: while more than one tenant contends for a pool (has requests queued there, or was refused there
     in the last CONTENTION_WINDOW_S), a tenant may hold at most ceil(max_queued_requests / contenders) of it, so a
     tenant that fills the queue is refused before the others are;
-  - queue time: the wait for a first token is estimated by Little's law, W = L / throughput, with L the requests
-    queued on the pool ahead of this one and the throughput measured from the intervals between first tokens
-    while the pool was busy (an EWMA). A request whose budget (its deadline, or max_queue_time_s when it has none
-    or the limit is tighter) is shorter than the largest estimate over its pools is refused at once instead of
-    waiting past its deadline in a queue. (The largest, not the sum: a disaggregated request counts against the
-    decode pool from arrival, so that pool's wait already holds the prefill's.) An empty pool always admits, so a
-    pessimistic estimate is corrected by the next first token instead of refusing forever.
+  - queue time: the wait for a first token is estimated by Little's law, W = (L + 1) / throughput, with L the
+    requests queued on the pool ahead of this one and the throughput measured from the intervals between first
+    tokens while the pool was busy (an EWMA). A request whose budget (its deadline, or max_queue_time_s when it
+    has none or the limit is tighter) is shorter than the largest estimate over its pools is refused at once
+    instead of waiting past its deadline in a queue. (The largest, not the sum: a disaggregated request counts
+    against the decode pool from arrival, so that pool's wait already holds the prefill's.) An empty pool always
+    admits (W = 0: nothing is ahead), so a pessimistic estimate is corrected by the next first token instead of
+    refusing forever.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class _PoolQueue:
     def wait_s(self) -> float | None:
         if self.num_samples < MIN_SAMPLES:
             return None
-        return self.total * self.interval_s
+        return (self.total + 1) * self.interval_s if self.total else 0.0
 
 
 class Admission:

@@ -177,13 +177,13 @@ class GenerateCall:
             )
         self.s.admission.admit(pools, self.tenant.name, self._timeout())
         self._queued.update(pools)
-        if self.s.limits is not None:
-            max_tokens = self.params.max_tokens
-            self._reservation = self.s.limits.acquire(
-                self.tenant, prompt_len, self.max_model_len - prompt_len if max_tokens is None else max_tokens)
         if self.metrics is not None:
             for name in pools:
                 self.metrics.queued_requests.add(1, {"pool": name})
+        if self.s.limits is not None:  # after admission: a request refused there costs its tenant nothing
+            max_tokens = self.params.max_tokens
+            self._reservation = self.s.limits.acquire(
+                self.tenant, prompt_len, self.max_model_len - prompt_len if max_tokens is None else max_tokens)
 
         decode_worker = None
         if not local and config.max_local_prefill_length > 0:

@@ -175,12 +175,12 @@ def test_queue_time_estimate_refuses_what_cannot_start_before_its_deadline():
     admission.admit(("decode",), "t", time_remaining_s=0.1)
     for _ in range(3):
         admission.admit(("decode",), "t", time_remaining_s=30)
-    assert admission.estimated_wait_s("decode") == pytest.approx(4.0)
-    # 4 queued, one first token a second: a new request waits ~4 s.
+    assert admission.estimated_wait_s("decode") == pytest.approx(5.0)
+    # 4 queued, one first token a second: a new request gets its first token in ~5 s.
     with pytest.raises(Exception) as info:
         admission.admit(("decode",), "t", time_remaining_s=2.0)
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s == pytest.approx(2.0)
-    admission.admit(("decode",), "t", time_remaining_s=5.0)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s == pytest.approx(3.0)
+    admission.admit(("decode",), "t", time_remaining_s=6.0)
     assert admission.num_queued("decode") == 5
     bounded = Admission(("decode",), max_queued=100, max_queue_time_s=2.0, clock=lambda: now[0])
     bounded._pools = admission._pools  # the same measurements
