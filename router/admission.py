@@ -8,7 +8,8 @@ Three checks per pool, each a RESOURCE_EXHAUSTED (HTTP 429) with a retry-after w
     tenant that fills the queue is refused before the others are;
   - queue time: the wait for a first token is estimated by Little's law, W = (L + 1) / throughput, with L the
     requests queued on the pool ahead of this one and the throughput measured from the intervals between first
-    tokens while the pool was busy (an EWMA). A request whose budget (its deadline, or max_queue_time_s when it
+    tokens while the pool was busy (an EWMA; at least the time since the last one, so a pool that slows down is
+    seen before its next first token). A request whose budget (its deadline, or max_queue_time_s when it
     has none or the limit is tighter) is shorter than the largest estimate over its pools is refused at once
     instead of waiting past its deadline in a queue. (The largest, not the sum: a disaggregated request counts
     against the decode pool from arrival, so that pool's wait already holds the prefill's.) An empty pool always
@@ -49,10 +50,12 @@ class _PoolQueue:
         active.add(tenant)
         return len(active)
 
-    def wait_s(self) -> float | None:
+    def wait_s(self, now: float) -> float | None:
         if self.num_samples < MIN_SAMPLES:
             return None
-        return (self.total + 1) * self.interval_s if self.total else 0.0
+        if not self.total:
+            return 0.0
+        return (self.total + 1) * max(self.interval_s, now - self.last_event_at)
 
 
 class Admission:
@@ -73,14 +76,14 @@ class Admission:
 
     def estimated_wait_s(self, pool: str) -> float | None:
         """Seconds a request admitted now would wait for its first token from `pool`; None: not measured yet."""
-        return self._pools[pool].wait_s()
+        return self._pools[pool].wait_s(self._clock())
 
     def admit(self, pools: tuple[str, ...], tenant: str = "", time_remaining_s: float | None = None) -> None:
         now = self._clock()
         wait_s = 0.0
         for pool in pools:
             q = self._pools[pool]
-            estimate = q.wait_s()
+            estimate = q.wait_s(now)
             if q.total >= self.max_queued:
                 q.refused_at[tenant] = now
                 raise RouterError(

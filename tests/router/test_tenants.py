@@ -182,6 +182,8 @@ def test_queue_time_estimate_refuses_what_cannot_start_before_its_deadline():
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and info.value.retry_after_s == pytest.approx(3.0)
     admission.admit(("decode",), "t", time_remaining_s=6.0)
     assert admission.num_queued("decode") == 5
+    now[0] += 3.0  # no first token for 3 s: the pool is slower than measured, seen before its next first token
+    assert admission.estimated_wait_s("decode") == pytest.approx(6 * 3.0)
     bounded = Admission(("decode",), max_queued=100, max_queue_time_s=2.0, clock=lambda: now[0])
     bounded._pools = admission._pools  # the same measurements
     with pytest.raises(Exception) as info:
