@@ -197,7 +197,8 @@ def test_keys_never_appear_in_logs_errors_or_config(make_env, caplog):
     env = make_env(tenancy=tenancy())
     e = rpc_error(lambda: list(env.stub.Generate(text_request(max_tokens=2), metadata=bearer(secret), timeout=10)))
     http = HTTPClient(env.router.http_address)
-    _, headers, err = http.json("POST", "/v1/completions", {"prompt": "Hi"}, headers={"Authorization": f"Bearer {secret}"})
+    _, headers, err = http.json("POST", "/v1/completions", {"prompt": "Hi"},
+                                headers={"Authorization": f"Bearer {secret}"})
     Stream(list(env.stub.Generate(text_request(max_tokens=2), metadata=bearer(KEY_A), timeout=10)))
     http.close()
     seen = " ".join([e.details(), str(trailing(e)), str(err), str(headers), caplog.text, repr(env.router.config)])
