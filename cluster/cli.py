@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 import grpc
 
 from loadtest import cli as loadtest_cli
+from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub.add_parser("generate", help="stream a completion from a running router"))
     st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    st.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
     loadtest_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
@@ -50,6 +53,11 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
+    p.add_argument("--max-queue-time-s", type=float, default=None,
+                   help="refuse requests whose estimated queue time exceeds this (default: only their deadline)")
+    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
+                   help="workers' scheduling; default priority when a tenant has a priority, else fcfs")
+    add_auth_arguments(p)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "bounded by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -73,6 +81,15 @@ def _up(args) -> int:
                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
                ("enable_chunked_prefill", args.enable_chunked_prefill))
     engine = {k: v for k, v in options if v is not None}
+    try:
+        tenancy = tenancy_from_args(args, os.environ)
+        tenancy.check_host(args.host)  # before Ray and the workers start
+    except ValueError as e:
+        print(f"tandem up: {e}", file=sys.stderr)
+        return 2
+    policy = args.scheduling_policy or ("priority" if any(t.priority for t in tenancy.tenants) else None)
+    if policy is not None:
+        engine["scheduling_policy"] = policy
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"
     try:
@@ -88,8 +105,10 @@ def _up(args) -> int:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
     router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
-                                        ("max_queued_requests", args.max_queued_requests)) if v is not None}
+                                        ("max_queued_requests", args.max_queued_requests),
+                                        ("max_queue_time_s", args.max_queue_time_s)) if v is not None}
     router_options["http_port"] = args.http_port
+    router_options["tenancy"] = tenancy
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
@@ -136,6 +155,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
 
 
 def _generate(args) -> int:
@@ -152,7 +172,7 @@ def _generate(args) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
-            for resp in stub.Generate(req, timeout=args.timeout):
+            for resp in stub.Generate(req, timeout=args.timeout, metadata=_auth_metadata(args.api_key)):
                 if resp.HasField("chunk"):
                     print(resp.chunk.text, end="", flush=True)
                 else:
@@ -171,12 +191,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 # --- tandem status ------------------------------------------------------------------------------------
 
 def _status(args) -> int:
     with grpc.insecure_channel(args.address) as channel:
         try:
-            status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10)
+            status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10,
+                                                                    metadata=_auth_metadata(args.api_key))
         except grpc.RpcError as e:
             print(f"tandem status: {args.address}: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from router.config import MODES, RouterConfig
+from router.tenants import add_auth_arguments, tenancy_from_args
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
@@ -23,6 +25,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--mode", choices=MODES, default=defaults["mode"].default)
     parser.add_argument("--max-queued-requests", type=int, default=defaults["max_queued_requests"].default,
                         help="per pool")
+    parser.add_argument("--max-queue-time-s", type=float, default=defaults["max_queue_time_s"].default,
+                        help="refuse requests whose estimated queue time exceeds this (0: only their deadline)")
+    add_auth_arguments(parser)
     parser.add_argument("--max-local-prefill-length", type=int,
                         default=defaults["max_local_prefill_length"].default,
                         help="prefill prompts with fewer uncached tokens on the decode worker (0: never)")
@@ -35,13 +40,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     try:
+        tenancy = tenancy_from_args(args, os.environ)
         config = RouterConfig(
             host=args.host, port=args.port, http_port=args.http_port, registry_address=args.registry, model=args.model,
             load_format=args.load_format, mode=args.mode, max_queued_requests=args.max_queued_requests,
             max_local_prefill_length=args.max_local_prefill_length, kv_lease_ms=args.kv_lease_ms,
             max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
             registry_poll_interval_s=args.registry_poll_interval_s, stats_poll_interval_s=args.stats_poll_interval_s,
-            drain_timeout_s=args.drain_timeout_s,
+            drain_timeout_s=args.drain_timeout_s, max_queue_time_s=args.max_queue_time_s, tenancy=tenancy,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from router.tenants import TenancyConfig
+
 MODES = ("disaggregated", "colocated")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -23,6 +25,10 @@ class RouterConfig:
     mode: str = "disaggregated"
     # Per pool: requests admitted by this router that have not yet had their first token from that pool.
     max_queued_requests: int = 256
+    # Refuse at admission a request whose estimated queue time exceeds this (0: only its deadline bounds it).
+    max_queue_time_s: float = 0.0
+    # API keys, tenants, their limits and priorities (router/tenants.py); none: auth off, only on loopback.
+    tenancy: TenancyConfig = TenancyConfig()
     # Conditional disaggregation: a prompt whose uncached part is shorter than this is prefilled on the decode
     # worker itself (0: always disaggregate). Ignored in colocated mode.
     max_local_prefill_length: int = 64
@@ -56,6 +62,9 @@ class RouterConfig:
             raise ValueError(f"registry_address: must be host:port, got {self.registry_address!r}")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests: must be >= 1, got {self.max_queued_requests}")
+        if not 0 <= self.max_queue_time_s < float("inf"):
+            raise ValueError(f"max_queue_time_s: must be >= 0 (0: no limit), got {self.max_queue_time_s}")
+        self.tenancy.check_host(self.host)
         if self.max_local_prefill_length < 0:
             raise ValueError(f"max_local_prefill_length: must be >= 0, got {self.max_local_prefill_length}")
         if self.kv_lease_ms < 0:

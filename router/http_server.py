@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 from aiohttp import web
 
+from router.auth import TENANT, http_middleware
 from router.errors import RouterError
 from router.openai_api import (CHAT, COMPLETION, OpenAIRequest, ResponseBuilder, error_body, new_response_id,
                                parse_request, router_error_body)
@@ -45,7 +46,8 @@ class OpenAIServer:
     def __init__(self, router: Router):
         self.router = router
         self.created = int(time.time())
-        app = web.Application(middlewares=[self._errors])
+        auth = http_middleware(router.keys, lambda e: _router_error(e, COMPLETION, {}))
+        app = web.Application(middlewares=[self._errors, auth])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -110,7 +112,7 @@ class OpenAIServer:
 
             def call(send: Callable) -> GenerateCall:
                 return GenerateCall(router.services, req.inp, send, time_remaining, arrival, operation=operation,
-                                    trace_carrier=carrier)
+                                    trace_carrier=carrier, tenant=request[TENANT])
 
             if req.stream:
                 return await _stream(request, req, builder, call, headers)
@@ -263,6 +265,8 @@ def _time_remaining(request: web.Request) -> Callable[[], float | None]:
 
 def _router_error(e: RouterError, operation: str, headers: dict) -> web.Response:
     status, body = router_error_body(e, operation)
+    if e.retry_after_s is not None:
+        headers = {**headers, "Retry-After": str(math.ceil(e.retry_after_s))}
     return web.json_response(body, status=status, headers=headers)
 
 

@@ -29,14 +29,17 @@ MIN_LOGPROB = -9999.0
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 # The error "type" per HTTP status, as vLLM's OpenAI server names them.
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 429: "RateLimitError",
-               503: "ServiceUnavailableError", 504: "TimeoutError", 500: "InternalServerError"}
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+               405: "MethodNotAllowed", 429: "RateLimitError", 503: "ServiceUnavailableError", 504: "TimeoutError",
+               500: "InternalServerError"}
 # A message that starts with the field it is about: "messages[0].content[1].type: ...".
 _PARAM = re.compile(r"([A-Za-z_][\w.\[\]]*): ")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}

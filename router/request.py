@@ -38,9 +38,11 @@ from router.admission import Admission
 from router.config import RouterConfig
 from router.convert import GenerateInput
 from router.errors import RouterError
+from router.limits import TenantLimits
 from router.metrics import RouterMetrics, genai_attributes
 from router.model import ServedModel
 from router.pool import WorkerHandle, WorkerPool
+from router.tenants import ANONYMOUS, Tenant
 from tandem.telemetry import Telemetry, epoch_ns_from_perf_counter, extract, inject
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import worker_pb2
@@ -69,6 +71,8 @@ class RouterServices:
     spawn: Callable[[Coroutine], None]
     # The router process's tracer and meter; None: no spans or metrics.
     telemetry: Telemetry | None = None
+    # Per-tenant token buckets (router/limits.py); None: no limits.
+    limits: TenantLimits | None = None
 
 
 class _Outcome(enum.Enum):
@@ -83,8 +87,12 @@ class GenerateCall:
     def __init__(self, services: RouterServices, inp: GenerateInput,
                  send: Callable[[pb.GenerateResponse], Awaitable[None]],
                  time_remaining: Callable[[], float | None], arrival: float, *,
-                 operation: str = "text_completion", trace_carrier: Mapping[str, str] | None = None):
+                 operation: str = "text_completion", trace_carrier: Mapping[str, str] | None = None,
+                 tenant: Tenant = ANONYMOUS):
         self.s = services
+        # Who sent it (router/tenants.py): its priority, limits and share of admission.
+        self.tenant = tenant
+        self._reservation = None  # its tokens in the tenant's bucket, settled at the end
         self.request_id = inp.request_id
         self.prompt = inp.prompt_token_ids
         self.params = inp.params
@@ -154,6 +162,7 @@ class GenerateCall:
         config, pool = self.s.config, self.s.pool
         decode_pool = pool.decode_pool
         prompt_len = len(self.prompt)
+        self.priority = self.tenant.request_priority(self.priority)
         local = config.mode == "colocated" or prompt_len < config.max_local_prefill_length
         pools = (decode_pool,) if local else ("prefill", decode_pool)
         for name in pools:
@@ -166,11 +175,15 @@ class GenerateCall:
                 f"input: the prompt has {prompt_len} tokens; it must be shorter than the model's context "
                 f"(max_model_len={self.max_model_len})",
             )
-        self.s.admission.admit(pools)
+        self.s.admission.admit(pools, self.tenant.name, self._timeout())
         self._queued.update(pools)
         if self.metrics is not None:
             for name in pools:
                 self.metrics.queued_requests.add(1, {"pool": name})
+        if self.s.limits is not None:  # after admission: a request refused there costs its tenant nothing
+            max_tokens = self.params.max_tokens
+            self._reservation = self.s.limits.acquire(
+                self.tenant, prompt_len, self.max_model_len - prompt_len if max_tokens is None else max_tokens)
 
         decode_worker = None
         if not local and config.max_local_prefill_length > 0:
@@ -178,7 +191,7 @@ class GenerateCall:
             num_cached = await self._match_prefix(decode_worker) if decode_worker is not None else 0
             if prompt_len - num_cached < config.max_local_prefill_length:
                 local = True
-                self._release("prefill")
+                self._release("prefill", first_token=False)
         kv = None
         if not local:
             decode_worker = None  # picked again when the first token is out: loads change during a prefill
@@ -514,10 +527,10 @@ class GenerateCall:
         return ((max_tokens is not None and len(self.output_ids) >= max_tokens)
                 or len(self.prompt) + len(self.output_ids) >= self.max_model_len)
 
-    def _release(self, pool: str) -> None:
+    def _release(self, pool: str, first_token: bool = True) -> None:
         if pool in self._queued:
             self._queued.discard(pool)
-            self.s.admission.release(pool)
+            self.s.admission.release(pool, self.tenant.name, first_token)
             if self.metrics is not None:
                 self.metrics.queued_requests.add(-1, {"pool": pool})
 
@@ -539,7 +552,9 @@ class GenerateCall:
 
     def _cleanup(self) -> None:
         for pool in list(self._queued):
-            self._release(pool)
+            self._release(pool, first_token=False)
+        if self._reservation is not None:
+            self._reservation.settle(len(self.output_ids))
         by_worker: dict[str, tuple[WorkerHandle, list[str]]] = {}
         for engine_id, worker in self._open.items():
             by_worker.setdefault(worker.worker_id, (worker, []))[1].append(engine_id)

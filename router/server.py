@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Coroutine
 
@@ -16,13 +17,16 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
+from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
 from router.convert import generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
 from router.http_server import OpenAIServer
+from router.limits import TenantLimits
 from router.model import ServedModel
 from router.pool import WorkerPool
 from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
+from router.tenants import KeyStore
 from tandem.telemetry import Telemetry
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -36,6 +40,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Trailing metadata that names the request on a call ended by an error status (responses carry it otherwise).
 REQUEST_ID_KEY = "request-id"
+# Trailing metadata of a RESOURCE_EXHAUSTED that retrying could clear: whole seconds to wait, as HTTP's Retry-After.
+RETRY_AFTER_KEY = "retry-after"
 
 
 class Router:
@@ -55,7 +61,8 @@ class Router:
         self.http_address: str | None = None
         self.draining = False
         self.pool: WorkerPool | None = None
-        self.admission = Admission(config.pools, config.max_queued_requests)
+        self.admission = Admission(config.pools, config.max_queued_requests, config.max_queue_time_s)
+        self.keys = KeyStore(config.tenancy)
         self.services: RouterServices | None = None
         self.num_active = 0
         self._server: grpc.aio.Server | None = None
@@ -71,9 +78,10 @@ class Router:
         if self.model is None:
             self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
-        self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry)
+        self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
+                                       limits=TenantLimits())
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[AuthInterceptor(self.keys)])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
         worker_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -152,9 +160,12 @@ class Router:
 
 
 async def _abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
-                      request_id: str | None = None) -> None:
-    if request_id:
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+                      request_id: str | None = None, retry_after_s: float | None = None) -> None:
+    metadata = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+    if retry_after_s is not None:
+        metadata += ((RETRY_AFTER_KEY, str(math.ceil(retry_after_s))),)
+    if metadata:
+        context.set_trailing_metadata(metadata)
     await context.abort(code, message)
 
 
@@ -173,9 +184,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             inp = generate_input_from_proto(request, request_id, router.model)
             operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
             await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival,
-                               operation=operation, trace_carrier=dict(context.invocation_metadata())).run()
+                               operation=operation, trace_carrier=dict(context.invocation_metadata()),
+                               tenant=grpc_tenant(router.keys, context)).run()
         except RouterError as e:
-            await _abort_with(context, e.code, e.message, request_id)
+            await _abort_with(context, e.code, e.message, request_id, e.retry_after_s)
         except Exception as e:  # a bug: this request fails, the router keeps serving
             log.exception("%s: unexpected error", request_id)
             await _abort_with(context, grpc.StatusCode.INTERNAL, f"router: {type(e).__name__}: {e}", request_id)
