@@ -2,6 +2,8 @@
 stalled by its missing stats, moves its requests to other workers at once, and takes it back when it answers."""
 from __future__ import annotations
 
+import pytest
+
 from tandem.v1 import generation_pb2 as pb
 from tests.router.conftest import wait_for
 from tests.router.helpers import Stream, text_request
@@ -75,3 +77,16 @@ def test_idle_stalled_worker_leaves_the_pool_until_it_answers(make_env, script):
     assert not victim.decodes and len(other.decodes) == 3
     _on_loop(env, victim.resume)
     wait_for(lambda: pool.num_live("decode") == 2, what="the worker back in the pool")
+
+
+def test_stall_timeout_option_is_validated_and_set_by_the_cli():
+    from router.__main__ import parse_config
+    from router.config import RouterConfig
+
+    assert RouterConfig(registry_address="127.0.0.1:1").worker_stall_timeout_s == 1.5
+    with pytest.raises(ValueError, match="worker_stall_timeout_s: must be > stats_poll_interval_s"):
+        RouterConfig(registry_address="127.0.0.1:1", worker_stall_timeout_s=0.1)
+    with pytest.raises(ValueError, match="worker_stall_timeout_s: must be > 0"):
+        RouterConfig(registry_address="127.0.0.1:1", worker_stall_timeout_s=float("nan"))
+    config, _ = parse_config(["--registry", "127.0.0.1:1", "--worker-stall-timeout-s", "3"])
+    assert config.worker_stall_timeout_s == 3.0
