@@ -297,10 +297,14 @@ class GenerateCall:
         timeout = self._timeout()
         ticket = self._dispatch(worker, engine_id, 0 if kv is not None else num_tokens, num_tokens // block_size + 1)
         num_messages = 0
-        call = None
+        call = source = None
         try:
             call = worker.stub.Decode(req, timeout=timeout, metadata=self._trace_metadata)
             num_stalls = worker.track(call)
+            # Until its first message the call may be pulling the KV from the prefill worker: if that one stalls,
+            # the pull would wait out its own timeout.
+            source = self.s.pool.workers.get(kv.source_worker_id) if kv is not None else None
+            source_stalls = source.track(call) if source is not None else 0
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
@@ -309,6 +313,8 @@ class GenerateCall:
                                 self.request_id, worker.worker_id)
                     return _Outcome.WORKER_LOST, num_messages
                 if num_messages == 0:
+                    if source is not None:
+                        source.calls.discard(call)
                     self.s.pool.settle(worker, ticket)
                     self._on_first_decode_message(msg, kv)
                 num_messages += 1
@@ -345,10 +351,16 @@ class GenerateCall:
                 log.warning("%s: decode worker %s stalled after %d tokens", self.request_id, worker.worker_id,
                             len(self.output_ids))
                 return _Outcome.WORKER_LOST, num_messages
+            if source is not None and num_messages == 0 and _cancelled_by_stall(source, source_stalls, e):
+                log.info("%s: prefill worker %s stalled while decode worker %s pulled the KV; prefilling there",
+                         self.request_id, source.worker_id, worker.worker_id)
+                return _Outcome.KV_LOST, num_messages
             raise
         finally:
             if call is not None:
                 worker.calls.discard(call)
+                if source is not None:
+                    source.calls.discard(call)
                 if not call.done() and engine_id in self._open:
                     call.cancel()  # a stop string, or this request was cancelled
             self.s.pool.finish(worker, ticket)

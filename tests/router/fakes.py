@@ -115,6 +115,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         if request.HasField("kv"):
             try:
                 await asyncio.sleep(self.kv_pull_delay_s)
+                source = self.cluster.transfers.get(request.kv.transfer_id)
+                if source is not None:
+                    await source.running.wait()  # a stalled source does not serve its KV
             except asyncio.CancelledError:
                 self.cancelled.append(req.request_id)
                 raise

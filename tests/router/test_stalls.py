@@ -90,3 +90,21 @@ def test_stall_timeout_option_is_validated_and_set_by_the_cli():
         RouterConfig(registry_address="127.0.0.1:1", worker_stall_timeout_s=float("nan"))
     config, _ = parse_config(["--registry", "127.0.0.1:1", "--worker-stall-timeout-s", "3"])
     assert config.worker_stall_timeout_s == 3.0
+
+
+def test_prefill_worker_stalling_during_the_kv_pull_falls_back_to_local_prefill(make_env, script):
+    env = make_env(prefill=1, decode=1, max_local_prefill_length=0)
+    [prefill], [decode] = env.by_role("prefill"), env.by_role("decode")
+    decode.kv_pull_delay_s = 0.2
+    stream = env.stub.Generate(text_request(max_tokens=6), timeout=30)
+    wait_for(lambda: decode.decodes, what="the decode call with the KV handle")
+    _on_loop(env, prefill.stall)  # the KV's source stops serving it mid-pull
+
+    out = Stream(list(stream))
+    assert out.token_ids == script[:6]
+    assert out.complete.timings.num_migrations == 0
+    with_kv, local = decode.decodes
+    assert with_kv.HasField("kv") and not local.HasField("kv")
+    assert list(local.request.output_token_ids) == script[:1]
+    wait_for(lambda: with_kv.request.request_id in decode.cancelled, what="the stuck pull cancelled")
+    _on_loop(env, prefill.resume)
