@@ -303,7 +303,8 @@ class WorkerPool:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.mark_down(worker)
-                elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and up and worker.stats is not None:
+                elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and worker.stats is not None and (
+                        up or worker.calls):  # down already (a failed call), but some calls still wait there
                     self.mark_stalled(worker)
             else:
                 first = worker.stats is None
