@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,11 +173,11 @@ class ChaosRun:
 
     def _scenario(self) -> ChaosReport:
         reference = {}
-        for i in range(len(PROMPTS)):
-            record = self._request(i)
-            if record.code is not None:
-                raise RuntimeError(f"reference pass: prompt {i} failed: {record.code}: {record.details}")
-            reference[i] = record.token_ids
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            for i, record in enumerate(pool.map(self._request, range(len(PROMPTS)))):
+                if record.code is not None:
+                    raise RuntimeError(f"reference pass: prompt {i} failed: {record.code}: {record.details}")
+                reference[i] = record.token_ids
         self._pools_full()  # the first workers are seen
         self._t0 = time.monotonic()
         stop_clients = threading.Event()
