@@ -2,15 +2,18 @@
 while workers are killed and stopped. tests/cluster/test_chaos.py runs the same scenario and asserts on it.
 
 The scenario, after a reference pass (each prompt once, before any fault) and a warm-up under load:
+  0. SIGSTOP the busiest decode worker for `pause_s` (shorter than the controller's health-check timeout, so it
+     is not replaced), then SIGCONT: the router routes around it and takes it back when it answers.
   1. SIGKILL the busiest prefill worker; a moment later SIGKILL the busiest decode worker; wait for both pools
      to be full again (the controller replaces them, the router sees the replacements live).
   2. SIGSTOP the busiest decode worker for `stop_s` (its connections stay open), then SIGCONT; meanwhile SIGKILL
      the replacement prefill worker from step 1 (the other pool, so one worker of each pool keeps serving).
-     Wait for the pools; stop the clients.
+     Wait for the pools; stop the clients; wait until every worker is idle and holds no KV.
 
 It reports: requests, completed, failed by gRPC code, wrong outputs (a completed greedy stream whose tokens differ
 from the reference pass), migrations, the longest pause between two chunks of any stream, the longest TTFT, the
-time from SIGSTOP to the router marking the worker down, and the time from each fault until its pool was full.
+time from SIGSTOP to the router marking the worker down, from SIGCONT to the router taking it back, the time from
+each fault until its pool was full, and the workers still holding KV blocks or requests once the load stopped.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_chaos.py                 # prints a JSON report
     PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_chaos.py --markdown      # and a table for docs/benchmarks.md
@@ -75,7 +78,10 @@ class ChaosReport:
     records: list[RequestRecord]
     reference: dict[int, list[int]]
     events: list[tuple[float, str]]  # seconds since the load started, what happened
-    detect_s: float | None  # SIGSTOP -> the router marks the worker down; None: never
+    detect_s: float | None  # SIGSTOP (20 s) -> the router marks the worker down; None: never
+    pause_detect_s: float | None  # SIGSTOP (pause_s) -> marked down
+    rejoin_s: float | None  # SIGCONT after pause_s -> up again in the router; None: not within the wait
+    leaked: list[str]  # workers holding KV blocks, held KV or requests after the load stopped
     refill_s: dict[str, float | None]  # fault -> seconds until its pool was full again (None: not within the wait)
     pools_back: bool  # every pool full at the end, in the registry and live in the router
     hung: int  # client threads still running after their request deadline
@@ -101,6 +107,9 @@ class ChaosReport:
             "migrations": sum(r.num_migrations for r in self.completed),
             "max_stall_s": round(max(gaps, default=0.0), 2), "max_ttft_s": round(max(ttfts, default=0.0), 2),
             "detect_stopped_s": None if self.detect_s is None else round(self.detect_s, 2),
+            "detect_paused_s": None if self.pause_detect_s is None else round(self.pause_detect_s, 2),
+            "rejoin_after_pause_s": None if self.rejoin_s is None else round(self.rejoin_s, 2),
+            "leaked": self.leaked,
             "refill_s": {k: None if v is None else round(v, 1) for k, v in self.refill_s.items()},
             "pools_back": self.pools_back,
             "events": [f"{t:6.1f} s  {what}" for t, what in self.events],
@@ -126,11 +135,13 @@ class _LoopThread:
 class ChaosRun:
     """One run of the scenario; `run()` brings the cluster up, runs it and takes everything down again."""
 
-    def __init__(self, *, clients: int = 4, max_tokens: int = 32, stop_s: float = 20.0, warmup_s: float = 3.0,
+    def __init__(self, *, clients: int = 4, max_tokens: int = 32, stop_s: float = 20.0, pause_s: float = 4.0,
+                 warmup_s: float = 3.0,
                  request_timeout_s: float = 90.0, pool_wait_s: float = 180.0, engine: dict | None = None):
         self.clients = clients
         self.max_tokens = max_tokens
         self.stop_s = stop_s
+        self.pause_s = pause_s
         self.warmup_s = warmup_s
         self.request_timeout_s = request_timeout_s
         self.pool_wait_s = pool_wait_s
@@ -188,6 +199,13 @@ class ChaosRun:
         refill: dict[str, float | None] = {}
         time.sleep(self.warmup_s)
 
+        paused = self._busiest("decode")
+        paused_at = self._signal_worker(paused, signal.SIGSTOP, victim=False)
+        pause_detect_s = self._wait_down(paused, paused_at, self.pause_s)
+        time.sleep(max(0.0, paused_at + self.pause_s - time.monotonic()))
+        resumed_at = self._signal_worker(paused, signal.SIGCONT)
+        rejoin_s = self._wait_up(paused, resumed_at, 30.0)
+
         killed_prefill = self._signal("prefill", signal.SIGKILL)
         time.sleep(2.0)
         killed_decode = self._signal("decode", signal.SIGKILL)
@@ -210,8 +228,11 @@ class ChaosRun:
             t.join(self.request_timeout_s + 10)
         hung = sum(t.is_alive() for t in threads)
         self._event("clients stopped")
+        pools_back = self._pools_full()
+        leaked = self._wait_idle(45.0)
         return ChaosReport(records=list(self.records), reference=reference, events=list(self.events),
-                           detect_s=detect_s, refill_s=refill, pools_back=self._pools_full(), hung=hung)
+                           detect_s=detect_s, pause_detect_s=pause_detect_s, rejoin_s=rejoin_s, leaked=leaked,
+                           refill_s=refill, pools_back=pools_back, hung=hung)
 
     # --- load -------------------------------------------------------------------------------------------------
 
@@ -263,14 +284,14 @@ class ChaosRun:
     def _signal(self, role: str, sig: signal.Signals) -> float:
         return self._signal_worker(self._busiest(role), sig)
 
-    def _signal_worker(self, info, sig: signal.Signals) -> float:
+    def _signal_worker(self, info, sig: signal.Signals, victim: bool = True) -> float:
         at = time.monotonic()
         try:
             os.kill(info.pid, sig)
         except ProcessLookupError:
             self._event(f"{sig.name} {info.role} {info.worker_id}: already gone")
             return at
-        if sig != signal.SIGCONT:
+        if victim and sig != signal.SIGCONT:
             self.victims.add(info.worker_id)
         self._event(f"{sig.name} {info.role} {info.worker_id} (pid {info.pid})")
         return at
@@ -285,6 +306,27 @@ class ChaosRun:
                 return down_at - since
             time.sleep(0.02)
         return None
+
+    def _wait_up(self, info, since: float, limit_s: float) -> float | None:
+        """Seconds from `since` until the router has the worker up again (None: not within `limit_s`)."""
+        while time.monotonic() < since + limit_s:
+            h = self.router.pool.workers.get(info.worker_id)
+            if h is not None and h.is_up:
+                self._event(f"router: {info.worker_id} up")
+                return time.monotonic() - since
+            time.sleep(0.02)
+        return None
+
+    def _wait_idle(self, limit_s: float) -> list[str]:
+        """Wait until every listed worker runs nothing and holds no KV (leases last 30 s); those that still do."""
+        deadline = time.monotonic() + limit_s
+        while True:
+            busy = [f"{s.info.worker_id}: {s.num_running} running, {s.num_waiting} waiting, {s.num_used_blocks} "
+                    f"blocks, {s.num_kv_held} KV held" for s in self.controller.worker_stats(timeout_s=5.0)
+                    if s.num_running or s.num_waiting or s.num_used_blocks or s.num_kv_held]
+            if not busy or time.monotonic() > deadline:
+                return busy
+            time.sleep(0.5)
 
     def _pools_full(self) -> bool:
         listed = [w for w in self.controller.workers() if w.worker_id not in self.victims]
@@ -316,7 +358,10 @@ def markdown(summary: dict) -> str:
             ("wrong greedy outputs", summary["wrong_outputs"]), ("hung", summary["hung"]),
             ("migrations", summary["migrations"]), ("longest pause in a stream", f"{summary['max_stall_s']} s"),
             ("longest TTFT", f"{summary['max_ttft_s']} s"),
-            ("SIGSTOP → worker marked down", f"{summary['detect_stopped_s']} s")]
+            ("SIGSTOP (20 s) → worker marked down", f"{summary['detect_stopped_s']} s"),
+            ("SIGSTOP (4 s) → worker marked down", f"{summary['detect_paused_s']} s"),
+            ("SIGCONT after 4 s → worker back in the router", f"{summary['rejoin_after_pause_s']} s"),
+            ("workers holding KV or requests afterwards", len(summary["leaked"]))]
     rows += [(f"{what} → pools full", f"{s} s") for what, s in summary["refill_s"].items()]
     return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
