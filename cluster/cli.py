@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
     st.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
     loadtest_cli.add_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
 
 
@@ -73,6 +75,11 @@ def _add_up(p: argparse.ArgumentParser) -> None:
 
 
 def _up(args) -> int:
+    from cluster import session
+
+    if not session.is_child():
+        return session.run_in_own_session(args.argv)
+    session.stop_with_supervisor()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from cluster.config import ClusterConfig  # imports ray: only for `up`
 
@@ -130,6 +137,9 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
                                      mode=config.mode, **router_options))
         address = await router.start()
         await router.wait_ready(timeout_s=60)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Again: ray.init() put Ray's C++ failure handler (a stack dump on SIGTERM) in front of ours.
+            loop.add_signal_handler(sig, stop.set)
         http = f"http://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
         print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation) and {http}; "
               f"registry at {registry}; mode {config.mode}. Ctrl-C stops.", flush=True)

@@ -35,6 +35,11 @@ class ClusterConfig:
     host: str | None = None
     registry_port: int = 0
     health_check_period_s: float = 1.0
+    # A worker that does not answer its ping for this long is declared dead: it leaves the registry and is
+    # replaced. Routers already route around a silent worker after their worker_stall_timeout_s (1.5 s) and move
+    # its requests, so this only decides when to give up on it: a pause of a few seconds (GC, swapping, a busy
+    # host) passes and keeps the worker and its prefix cache, while a replacement costs a model load (15-30 s on
+    # CPU) during which the pool is one short.
     health_check_timeout_s: float = 10.0
     worker_start_timeout_s: float = 600.0
 

@@ -182,7 +182,8 @@ class Controller:
             pass
 
     def _watch(self) -> None:
-        """Ping every ready worker; a dead or stuck one leaves the registry at once and is replaced."""
+        """Ping every ready worker; a dead one, or one stuck past health_check_timeout_s (see ClusterConfig for
+        the choice), leaves the registry at once and is replaced."""
         cfg = self.config
         while not self._stop.wait(cfg.health_check_period_s):
             with self._lock:

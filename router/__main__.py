@@ -36,6 +36,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--max-prefill-retries", type=int, default=defaults["max_prefill_retries"].default)
     parser.add_argument("--registry-poll-interval-s", type=float, default=defaults["registry_poll_interval_s"].default)
     parser.add_argument("--stats-poll-interval-s", type=float, default=defaults["stats_poll_interval_s"].default)
+    parser.add_argument("--worker-stall-timeout-s", type=float, default=defaults["worker_stall_timeout_s"].default,
+                        help="a worker silent this long is routed around and its requests move (default %(default)s)")
     parser.add_argument("--drain-timeout-s", type=float, default=defaults["drain_timeout_s"].default)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -47,7 +49,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             max_local_prefill_length=args.max_local_prefill_length, kv_lease_ms=args.kv_lease_ms,
             max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
             registry_poll_interval_s=args.registry_poll_interval_s, stats_poll_interval_s=args.stats_poll_interval_s,
-            drain_timeout_s=args.drain_timeout_s, max_queue_time_s=args.max_queue_time_s, tenancy=tenancy,
+            worker_stall_timeout_s=args.worker_stall_timeout_s, drain_timeout_s=args.drain_timeout_s,
+            max_queue_time_s=args.max_queue_time_s, tenancy=tenancy,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -42,6 +42,11 @@ class RouterConfig:
     match_prefix_timeout_s: float = 0.05
     registry_poll_interval_s: float = 1.0
     stats_poll_interval_s: float = 0.1
+    # A worker that answers no GetStats for this long is marked down and the calls in flight there are cancelled
+    # and moved to other workers (a stopped or hung process keeps its connections open: only silence shows it).
+    # 1.5 s is 15 polls; a worker answers stats from a snapshot, off its engine thread, within milliseconds even
+    # while it computes, so only a process that is not running stays silent this long.
+    worker_stall_timeout_s: float = 1.5
     # How long stop() lets in-flight requests finish when no grace is given.
     drain_timeout_s: float = 30.0
 
@@ -73,9 +78,13 @@ class RouterConfig:
             raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
         if self.max_prefill_retries < 0:
             raise ValueError(f"max_prefill_retries: must be >= 0, got {self.max_prefill_retries}")
-        for name in ("match_prefix_timeout_s", "registry_poll_interval_s", "stats_poll_interval_s"):
+        for name in ("match_prefix_timeout_s", "registry_poll_interval_s", "stats_poll_interval_s",
+                     "worker_stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if not self.worker_stall_timeout_s > self.stats_poll_interval_s:
+            raise ValueError(f"worker_stall_timeout_s: must be > stats_poll_interval_s ({self.stats_poll_interval_s}), "
+                             f"got {self.worker_stall_timeout_s}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
 

@@ -1,5 +1,10 @@
 """The router's view of the workers: who exists (the registry), how loaded each is (GetStats), who is down.
 
+Down means: a call to it failed as if it were gone (UNAVAILABLE), or it stalled: it answered no GetStats for
+`worker_stall_timeout_s`. A stalled process (stopped, swapping, a hung host) keeps its TCP connections open, so its
+calls neither fail nor progress; the router cancels every call in flight there (`WorkerHandle.calls`) and the
+requests move on as if it had died. A down worker is polled less often and comes back when it answers again.
+
 One grpc.aio channel per worker, opened when the registry first lists it and closed when the registry drops it.
 Load estimates add this router's requests that a worker's stats may not show yet, so that a burst of requests
 between two reports spreads out instead of landing on the same worker: a request counts from dispatch until its
@@ -26,7 +31,15 @@ POOL_ROLES = {
     "disaggregated": {"prefill": ("prefill", "both"), "decode": ("decode", "both")},
     "colocated": {"both": ("both",)},
 }
-STATS_TIMEOUT_S = 2.0
+# HTTP/2 keepalive on the channels to workers: a connection whose peer stops acknowledging pings for
+# keepalive_timeout_ms is closed, failing its calls with UNAVAILABLE (a dead host that sent no RST). The workers'
+# servers accept pings this often (workers/server.py).
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 # A worker marked down is polled this much less often until it answers again.
 DOWN_POLL_FACTOR = 5
 # Calls still running on the channel of a worker the registry dropped get this long before it closes.
@@ -49,14 +62,29 @@ class WorkerHandle:
         self.info = info
         self.worker_id = info.worker_id
         self.role = info.role
-        self.channel = grpc.aio.insecure_channel(info.address)
+        self.channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.stats: worker_pb2.WorkerStats | None = None
         self.stats_issued_at = 0.0  # when the GetStats that `stats` answers was sent
+        self.stats_answered_at = now  # when it last answered one (from when it was listed)
         self.listed_at = now
         self.down_since: float | None = None
         self.pending: dict[int, _Pending] = {}  # by ticket
         self.poller: asyncio.Task | None = None
+        # Prefill and Decode calls in flight there (register with track()); cancelled when the worker stalls.
+        self.calls: set[grpc.aio.Call] = set()
+        self.num_stalls = 0  # times it was found stalled: a call cancelled by a stall sees it change
+
+    def track(self, call: grpc.aio.Call) -> int:
+        """Register an in-flight call (cancelled if the worker stalls); returns the stall count to compare with
+        later (`stalled_since`). Untrack with `calls.discard(call)` when it ends."""
+        self.calls.add(call)
+        return self.num_stalls
+
+    def stalled_since(self, num_stalls: int) -> bool:
+        """The worker was found stalled after track() returned `num_stalls`: its calls were cancelled by the pool,
+        not by their request."""
+        return self.num_stalls != num_stalls
 
     @property
     def is_up(self) -> bool:
@@ -172,13 +200,23 @@ class WorkerPool:
         """The request is gone from `worker` (or never got there)."""
         worker.pending.pop(ticket, None)
 
-    def mark_down(self, worker: WorkerHandle) -> None:
+    def mark_down(self, worker: WorkerHandle, why: str = "is unavailable") -> None:
         """A call failed as if the worker were gone: skip it until the registry lists it again with fresh stats."""
         if worker.down_since is None:
-            log.warning("worker %s (%s, %s) is unavailable; routing around it", worker.worker_id, worker.role,
-                        worker.info.address)
+            log.warning("worker %s (%s, %s) %s; routing around it", worker.worker_id, worker.role,
+                        worker.info.address, why)
             worker.down_since = time.monotonic()
             self.on_change()
+
+    def mark_stalled(self, worker: WorkerHandle) -> None:
+        """The worker answered no stats for `worker_stall_timeout_s`: mark it down and cancel its calls, whose
+        requests then move to other workers (their Abort reaches it if it wakes up)."""
+        silent_s = time.monotonic() - worker.stats_answered_at
+        worker.num_stalls += 1
+        self.mark_down(worker, f"answered no stats for {silent_s:.1f} s (stalled)")
+        calls, worker.calls = worker.calls, set()
+        for call in calls:
+            call.cancel()
 
     # --- polling --------------------------------------------------------------------------------------------
 
@@ -249,18 +287,29 @@ class WorkerPool:
         return False
 
     async def _stats_loop(self, worker: WorkerHandle) -> None:
+        """GetStats every `stats_poll_interval_s`; a call that gets no answer within what is left of
+        `worker_stall_timeout_s` since the last answer marks the worker stalled."""
         request = worker_pb2.GetStatsRequest()
-        interval = self.config.stats_poll_interval_s
+        interval, stall_timeout = self.config.stats_poll_interval_s, self.config.worker_stall_timeout_s
         while True:
             issued_at = time.monotonic()
+            up = worker.down_since is None
+            # Up: the deadline is when the silence reaches the stall timeout (at least one interval away). Down:
+            # a whole timeout, so that a slow answer revives it.
+            timeout = (max(worker.stats_answered_at + stall_timeout - issued_at, interval) if up and worker.stats
+                       else stall_timeout)
             try:
-                stats = await worker.stub.GetStats(request, timeout=STATS_TIMEOUT_S)
+                stats = await worker.stub.GetStats(request, timeout=timeout)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     self.mark_down(worker)
+                elif e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and worker.stats is not None and (
+                        up or worker.calls):  # down already (a failed call), but some calls still wait there
+                    self.mark_stalled(worker)
             else:
                 first = worker.stats is None
                 worker.stats, worker.stats_issued_at = stats, issued_at
+                worker.stats_answered_at = time.monotonic()
                 worker.forget_reported()
                 if self._maybe_revive(worker) or first:
                     self.on_change()

@@ -11,6 +11,8 @@ Failures that leave the client's stream intact:
     with the first token as output_token_ids.
   - Decode: the worker went away mid-stream -> Decode on another decode worker with every token streamed so far
     as output_token_ids (max_migrations). The client sees one stream.
+  - A worker that stalls (no stats for worker_stall_timeout_s; router/pool.py) has its calls cancelled by the
+    pool: they end as if the worker were gone, and move on as above.
 Invariant: when the request ends in any way, every worker call it started that the worker neither finished nor
 refused is cancelled and Abort is sent to that worker (unknown ids are ignored there), so no KV stays held for a
 request that is gone: not after a cancellation, a deadline, a stop string or a failure elsewhere.
@@ -224,12 +226,14 @@ class GenerateCall:
             call = None
             try:
                 call = worker.stub.Prefill(req, timeout=timeout, metadata=self._trace_metadata)
+                num_stalls = worker.track(call)
                 resp = await call
             except BaseException as e:
                 pool.finish(worker, ticket)
                 if call is not None and not call.done():  # this request was cancelled
                     call.cancel()
-                if not _worker_gone(e):
+                stalled = call is not None and _cancelled_by_stall(worker, num_stalls, e)
+                if not (stalled or _worker_gone(e)):
                     if isinstance(e, grpc.aio.AioRpcError):
                         if e.code() in PASSED_THROUGH:
                             self._open.pop(engine_id)  # refused: nothing is held there
@@ -237,10 +241,14 @@ class GenerateCall:
                     raise
                 # Left open: if the worker is alive after all, the Abort at the end frees what it holds.
                 log.warning("%s: prefill worker %s failed (%s); retrying elsewhere", self.request_id,
-                            worker.worker_id, e.code().name if isinstance(e, grpc.aio.AioRpcError) else e)
+                            worker.worker_id, "stalled" if stalled else
+                            e.code().name if isinstance(e, grpc.aio.AioRpcError) else e)
                 pool.mark_down(worker)
                 tried.add(worker.worker_id)
                 continue
+            finally:
+                if call is not None:
+                    worker.calls.discard(call)
             pool.settle(worker, ticket)  # its KV stays there until a decode worker takes it
             self._release("prefill")
             if resp.finish_reason != UNFINISHED or not resp.HasField("kv"):
@@ -302,9 +310,14 @@ class GenerateCall:
         timeout = self._timeout()
         ticket = self._dispatch(worker, engine_id, 0 if kv is not None else num_tokens, num_tokens // block_size + 1)
         num_messages = 0
-        call = None
+        call = source = None
         try:
             call = worker.stub.Decode(req, timeout=timeout, metadata=self._trace_metadata)
+            num_stalls = worker.track(call)
+            # Until its first message the call may be pulling the KV from the prefill worker: if that one stalls,
+            # the pull would wait out its own timeout.
+            source = self.s.pool.workers.get(kv.source_worker_id) if kv is not None else None
+            source_stalls = source.track(call) if source is not None else 0
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
@@ -313,6 +326,8 @@ class GenerateCall:
                                 self.request_id, worker.worker_id)
                     return _Outcome.WORKER_LOST, num_messages
                 if num_messages == 0:
+                    if source is not None:
+                        source.calls.discard(call)
                     self.s.pool.settle(worker, ticket)
                     self._on_first_decode_message(msg, kv)
                 num_messages += 1
@@ -343,9 +358,24 @@ class GenerateCall:
             raise self._worker_error(e, "decode", worker) from None
         except grpc.aio.UsageError:  # the channel was closed: the registry dropped the worker
             return _Outcome.WORKER_LOST, num_messages
+        except asyncio.CancelledError as e:
+            if call is not None and _cancelled_by_stall(worker, num_stalls, e):
+                # Left open, for the Abort at the end; the cancelled stream also aborts it there if it wakes up.
+                log.warning("%s: decode worker %s stalled after %d tokens", self.request_id, worker.worker_id,
+                            len(self.output_ids))
+                return _Outcome.WORKER_LOST, num_messages
+            if source is not None and num_messages == 0 and _cancelled_by_stall(source, source_stalls, e):
+                log.info("%s: prefill worker %s stalled while decode worker %s pulled the KV; prefilling there",
+                         self.request_id, source.worker_id, worker.worker_id)
+                return _Outcome.KV_LOST, num_messages
+            raise
         finally:
-            if call is not None and not call.done() and engine_id in self._open:
-                call.cancel()  # a stop string, or this request was cancelled
+            if call is not None:
+                worker.calls.discard(call)
+                if source is not None:
+                    source.calls.discard(call)
+                if not call.done() and engine_id in self._open:
+                    call.cancel()  # a stop string, or this request was cancelled
             self.s.pool.finish(worker, ticket)
 
     def _on_first_decode_message(self, msg: worker_pb2.DecodeResponse, kv: worker_pb2.KVHandle | None) -> None:
@@ -561,6 +591,14 @@ class GenerateCall:
         self._open.clear()
         for worker, engine_ids in by_worker.values():
             self.s.spawn(abort(worker, engine_ids))
+
+
+def _cancelled_by_stall(worker: WorkerHandle, num_stalls: int, e: BaseException) -> bool:
+    """The call was cancelled by the pool because `worker` stalled (WorkerPool.mark_stalled), not because this
+    request was cancelled."""
+    task = asyncio.current_task()
+    return (isinstance(e, asyncio.CancelledError) and worker.stalled_since(num_stalls)
+            and (task is None or not task.cancelling()))
 
 
 def _worker_gone(e: BaseException) -> bool:

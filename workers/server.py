@@ -307,7 +307,10 @@ class WorkerServer:
 
     async def _serve(self, host: str, port: int) -> int:
         """Start the gRPC server; returns the port it bound (port 0: one the OS picked)."""
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        # Routers send keepalive pings every 10 s (router/pool.py CHANNEL_OPTIONS), also on idle connections.
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                                                ("grpc.keepalive_permit_without_calls", 1)])
         worker_pb2_grpc.add_WorkerServicer_to_server(_Servicer(self), self._server)
         bound = self._server.add_insecure_port(f"{host}:{port}")
         if bound == 0:

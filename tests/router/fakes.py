@@ -52,7 +52,17 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         self.token_delay_s = 0.0
         self.tokens_per_message = 1
         self.num_cached_prefix = 0
+        # Cleared by stall(): every handler waits, its connection open, as in a stopped (SIGSTOP) process.
+        self.running = asyncio.Event()
+        self.running.set()
         self.server: grpc.aio.Server | None = None
+
+    def stall(self) -> None:
+        """Stop answering (call on the server's loop): stats, prefills and decode messages wait for resume()."""
+        self.running.clear()
+
+    def resume(self) -> None:
+        self.running.set()
 
     async def start(self) -> None:
         self.server = grpc.aio.server()
@@ -74,6 +84,11 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             await context.abort(*self.prefill_error)
         try:
             await asyncio.sleep(self.prefill_delay_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(req.request_id)
+            raise
+        try:
+            await self.running.wait()
         except asyncio.CancelledError:
             self.cancelled.append(req.request_id)
             raise
@@ -100,6 +115,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         if request.HasField("kv"):
             try:
                 await asyncio.sleep(self.kv_pull_delay_s)
+                source = self.cluster.transfers.get(request.kv.transfer_id)
+                if source is not None:
+                    await source.running.wait()  # a stalled source does not serve its KV
             except asyncio.CancelledError:
                 self.cancelled.append(req.request_id)
                 raise
@@ -120,6 +138,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
                 if self.decode_error is not None and num_sent >= self.decode_error_after:
                     await context.abort(*self.decode_error)
                 await asyncio.sleep(self.token_delay_s)
+                await self.running.wait()
                 tokens = self.script[num_done:min(num_done + self.tokens_per_message, len(self.script), max_tokens)]
                 num_done += len(tokens)
                 msg = worker_pb2.DecodeResponse(token_ids=tokens,
@@ -148,6 +167,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.MatchPrefixResponse(num_cached_tokens=min(self.num_cached_prefix, len(request.token_ids) - 1))
 
     async def GetStats(self, request, context):
+        await self.running.wait()
         stats = worker_pb2.WorkerStats()
         stats.CopyFrom(self.stats)
         stats.info.CopyFrom(self.info)
