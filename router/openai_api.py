@@ -275,6 +275,7 @@ class ResponseBuilder:
         self.created = int(time.time())
         self._token_bytes = model.token_bytes
         self._texts: list[str] = []
+        self._num_chars = 0  # of text returned so far
         self._logprobs: dict = {"content": []} if self.chat else {
             "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         # Completions' text_offset: where each token's text starts in the returned text.
@@ -292,6 +293,7 @@ class ResponseBuilder:
     def choice(self, chunk: pb.Chunk) -> dict | None:
         """The choice of a stream chunk with this chunk's text and logprobs; None when it has nothing to show."""
         self._texts.append(chunk.text)
+        self._num_chars += len(chunk.text)
         logprobs = self._render_logprobs(chunk.logprobs) if self.req.num_logprobs is not None else None
         self.usage = _usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens)
         self._last_logprobs = None
@@ -382,7 +384,7 @@ class ResponseBuilder:
             out["token_logprobs"].append(_logprob(e.logprob))
             out["top_logprobs"].append(top)
             out["text_offset"].append(self._offsets.add(e.token_id) if self._offsets is not None
-                                      else len("".join(self._texts)))
+                                      else self._num_chars)
         for key, values in out.items():
             self._logprobs[key].extend(values)
         if not self.req.stream:
@@ -391,9 +393,8 @@ class ResponseBuilder:
         for key, values in out.items():
             self._pending[key].extend(values)
         # An offset within the text sent so far can never point past the final text.
-        num_sent_chars = sum(len(t) for t in self._texts)
         offsets = self._pending["text_offset"]
-        num_ready = next((i for i, offset in enumerate(offsets) if offset > num_sent_chars), len(offsets))
+        num_ready = next((i for i, offset in enumerate(offsets) if offset > self._num_chars), len(offsets))
         ready = {key: values[:num_ready] for key, values in self._pending.items()}
         self._pending = {key: values[num_ready:] for key, values in self._pending.items()}
         return ready
@@ -401,9 +402,8 @@ class ResponseBuilder:
     def _flush_pending(self) -> None:
         """At the end: no text_offset points past the returned text (a stop string or stop token cut it), and a
         stream's held entries go out with its last chunk."""
-        end = sum(len(t) for t in self._texts)
         for offsets in (self._logprobs["text_offset"], self._pending["text_offset"]):
-            offsets[:] = [min(offset, end) for offset in offsets]
+            offsets[:] = [min(offset, self._num_chars) for offset in offsets]
         if not self.req.stream or not self._pending["tokens"]:
             return
         if self._last_logprobs is None:
