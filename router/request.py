@@ -360,7 +360,6 @@ class GenerateCall:
         stop_str = detok.update(ids, stop_terminated=finish_reason == pb.FINISH_REASON_STOP)
         if stop_str is not None:
             del ids[len(detok.output_token_ids) - len(self.output_ids):]
-        if stop_str is not None:
             finish_reason = pb.FINISH_REASON_STOP
         self.output_ids.extend(ids)
         finished = finish_reason != UNFINISHED
