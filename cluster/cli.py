@@ -163,7 +163,8 @@ def _generate(args) -> int:
         try:
             return _stream_answer(stub, req, args.timeout)
         except grpc.RpcError as e:
-            if not args.raw and e.code() == grpc.StatusCode.INVALID_ARGUMENT and _NO_CHAT_TEMPLATE in (e.details() or ""):
+            no_template = e.code() == grpc.StatusCode.INVALID_ARGUMENT and _NO_CHAT_TEMPLATE in (e.details() or "")
+            if not args.raw and no_template:
                 print("tandem generate: the model has no chat template; sending the prompt as plain text",
                       file=sys.stderr)
                 req.text = args.prompt  # replaces the chat (one oneof)
