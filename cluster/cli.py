@@ -158,7 +158,10 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--raw", action="store_true",
+                      help="send the prompt as plain text to continue, not as a chat message")
+    form.add_argument("--chat", action="store_true", help="send the prompt as a user chat message (the default)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None)
@@ -168,36 +171,55 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
 
 
+# The router's refusal of a chat for a model without a chat template (router/model.py).
+_NO_CHAT_TEMPLATE = "has no chat template"
+
+
 def _generate(args) -> int:
+    """Stream one answer to stdout, its summary to stderr. The prompt goes as a user chat message (rendered with
+    the model's chat template) unless --raw, or unless the model has no template: then it goes as plain text."""
     sampling = pb.SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, stop=args.stop)
     if args.top_p is not None:
         sampling.top_p = args.top_p
     if args.seed is not None:
         sampling.seed = args.seed
     req = pb.GenerateRequest(sampling=sampling)
-    if args.chat:
-        req.chat.messages.add(role="user", content=args.prompt)
-    else:
+    if args.raw:
         req.text = args.prompt
+    else:
+        req.chat.messages.add(role="user", content=args.prompt)
     with grpc.insecure_channel(args.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
-            for resp in stub.Generate(req, timeout=args.timeout, metadata=_auth_metadata(args.api_key)):
-                if resp.HasField("chunk"):
-                    print(resp.chunk.text, end="", flush=True)
-                else:
-                    c = resp.complete
-                    t = c.timings
-                    print(f"\n[{pb.FinishReason.Name(c.finish_reason).removeprefix('FINISH_REASON_').lower()}] "
-                          f"prompt {c.usage.prompt_tokens} (cached {c.usage.cached_tokens}), completion "
-                          f"{c.usage.completion_tokens} tokens; TTFT {t.first_token_ms:.0f} ms, total {t.e2e_ms:.0f} ms",
-                          file=sys.stderr)
-                    if c.error_message:
-                        print(f"error: {c.error_message}", file=sys.stderr)
-                        return 1
+            return _stream_answer(stub, req, args.timeout, _auth_metadata(args.api_key))
         except grpc.RpcError as e:
+            no_template = e.code() == grpc.StatusCode.INVALID_ARGUMENT and _NO_CHAT_TEMPLATE in (e.details() or "")
+            if not args.raw and no_template:
+                print("tandem generate: the model has no chat template; sending the prompt as plain text",
+                      file=sys.stderr)
+                req.text = args.prompt  # replaces the chat (one oneof)
+                try:
+                    return _stream_answer(stub, req, args.timeout, _auth_metadata(args.api_key))
+                except grpc.RpcError as e2:
+                    e = e2
             print(f"\ntandem generate: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+
+
+def _stream_answer(stub, req: pb.GenerateRequest, timeout: float, metadata) -> int:
+    for resp in stub.Generate(req, timeout=timeout, metadata=metadata):
+        if resp.HasField("chunk"):
+            print(resp.chunk.text, end="", flush=True)
+        else:
+            c = resp.complete
+            t = c.timings
+            print(f"\n[{pb.FinishReason.Name(c.finish_reason).removeprefix('FINISH_REASON_').lower()}] "
+                  f"prompt {c.usage.prompt_tokens} (cached {c.usage.cached_tokens}), completion "
+                  f"{c.usage.completion_tokens} tokens; TTFT {t.first_token_ms:.0f} ms, total {t.e2e_ms:.0f} ms",
+                  file=sys.stderr)
+            if c.error_message:
+                print(f"error: {c.error_message}", file=sys.stderr)
+                return 1
     return 0
 
 

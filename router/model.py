@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from router.token_bytes import TokenBytes
 from workers.model.loader import load_model_config, resolve_model
 from workers.tokenizer import encode_chat, load_tokenizer
 
@@ -35,6 +36,11 @@ class ServedModel:
         cheaper a call than transformers' wrapper (the router decodes twice per streamed token)."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         return self.tokenizer if backend is None else _RustDecoder(backend)
+
+    @cached_property
+    def token_bytes(self) -> TokenBytes | None:
+        """Each token id's own bytes, for logprobs (router/token_bytes.py); None without a tokenizer."""
+        return TokenBytes(self.tokenizer) if self.tokenizer is not None else None
 
     def encode_text(self, text: str) -> list[int]:
         """Raises ValueError naming `input` for a model without a tokenizer."""

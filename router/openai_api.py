@@ -17,6 +17,7 @@ import grpc
 from router.convert import GenerateInput, check_model, encode_prompt
 from router.errors import RouterError
 from router.model import ServedModel
+from router.token_bytes import TextOffsets, token_str
 from tandem.v1 import generation_pb2 as pb
 from workers.sampling_params import MAX_NUM_LOGPROBS, SamplingParams
 
@@ -275,11 +276,18 @@ class ResponseBuilder:
         self.response_id = response_id
         self.model_name = model.name
         self.created = int(time.time())
-        self._decoder = model.decoder if model.tokenizer is not None else None
+        self._token_bytes = model.token_bytes
         self._texts: list[str] = []
+        self._num_chars = 0  # of text returned so far
         self._logprobs: dict = {"content": []} if self.chat else {
             "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        self._text_offset = 0  # completions' text_offset: where the next token's string starts
+        # Completions' text_offset: where each token's text starts in the returned text.
+        self._offsets = (TextOffsets(self._token_bytes, req.inp.params.skip_special_tokens)
+                         if self._token_bytes is not None else None)
+        # Streamed completions: entries of tokens whose text is still held back (a stop string may cut it), sent
+        # once the text reaches them, or with the last chunk; and the newest chunk's logprobs.
+        self._pending: dict[str, list] = {key: [] for key in self._logprobs}
+        self._last_logprobs: dict | None = None
         self.usage: dict | None = None
         self.finish_reason: str | None = None
 
@@ -287,11 +295,14 @@ class ResponseBuilder:
 
     def choice(self, chunk: pb.Chunk) -> dict | None:
         """The choice of a stream chunk with this chunk's text and logprobs; None when it has nothing to show."""
-        logprobs = self._render_logprobs(chunk.logprobs) if self.req.num_logprobs is not None else None
         self._texts.append(chunk.text)
+        self._num_chars += len(chunk.text)
+        logprobs = self._render_logprobs(chunk.logprobs) if self.req.num_logprobs is not None else None
         self.usage = _usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens)
-        if not chunk.text and not (logprobs and chunk.logprobs):
+        self._last_logprobs = None
+        if not chunk.text and not (logprobs and any(logprobs.values())):
             return None
+        self._last_logprobs = logprobs
         if self.chat:
             return {"index": 0, "delta": {"content": chunk.text}, "logprobs": logprobs, "finish_reason": None}
         return {"index": 0, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}
@@ -299,7 +310,9 @@ class ResponseBuilder:
     def empty_choice(self) -> dict:
         if self.chat:
             return {"index": 0, "delta": {}, "logprobs": None, "finish_reason": None}
-        return {"index": 0, "text": "", "logprobs": None, "finish_reason": None}
+        # After finish(): logprobs of the last tokens, when no chunk is left to carry them.
+        logprobs = self._last_logprobs if self._last_logprobs and any(self._last_logprobs.values()) else None
+        return {"index": 0, "text": "", "logprobs": logprobs, "finish_reason": None}
 
     def role_choice(self) -> dict:
         """Chat streams open with the assistant's role."""
@@ -314,6 +327,8 @@ class ResponseBuilder:
         u = complete.usage
         self.usage = _usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
         self.finish_reason = reason
+        if not self.chat and self.req.num_logprobs is not None:
+            self._flush_pending()
         return reason
 
     # The JSON objects.
@@ -337,46 +352,80 @@ class ResponseBuilder:
         return {"id": self.response_id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model_name, "choices": [choice], "usage": self.usage}
 
-    # Logprobs, in each endpoint's format; also accumulated for response().
+    # Logprobs, in each endpoint's format; also accumulated for response(). A token that holds part of a UTF-8
+    # character keeps its own bytes (`bytes`, and a `\\xNN`-escaped string), so candidates never collapse into one
+    # "\ufffd" and the bytes of a character's tokens concatenate to it (router/token_bytes.py).
 
     def _render_logprobs(self, entries) -> dict:
         n = self.req.num_logprobs
         if self.chat:
             content = []
             for e in entries:
-                token = self._token(e.token_id)
                 top = sorted(e.top_logprobs, key=lambda t: -t.logprob)
                 seen, tops = set(), []
                 for t in top:
                     if t.token_id not in seen and len(tops) < n:
                         seen.add(t.token_id)
-                        tops.append(self._chat_logprob(self._token(t.token_id), t.logprob))
-                content.append({**self._chat_logprob(token, e.logprob), "top_logprobs": tops})
+                        tops.append(self._chat_logprob(t.token_id, t.logprob))
+                content.append({**self._chat_logprob(e.token_id, e.logprob), "top_logprobs": tops})
             self._logprobs["content"].extend(content)
             return {"content": content}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for e in entries:
             token = self._token(e.token_id)
-            # Like vLLM: the top-n and the sampled token itself.
-            top = {self._token(t.token_id): _logprob(t.logprob) for t in e.top_logprobs}
+            # Like vLLM: the top-n and the sampled token itself; one key per token id, even when two tokens
+            # render alike (the later one then goes by vLLM's "token_id:N").
+            top: dict[str, float] = {}
+            key_ids: dict[str, int] = {}
+            for t in sorted(e.top_logprobs, key=lambda t: (t.token_id != e.token_id, -t.logprob)):
+                key = self._token(t.token_id)
+                if key_ids.setdefault(key, t.token_id) != t.token_id:
+                    key = f"token_id:{t.token_id}"
+                top.setdefault(key, _logprob(t.logprob))
             top.setdefault(token, _logprob(e.logprob))
             out["tokens"].append(token)
             out["token_logprobs"].append(_logprob(e.logprob))
             out["top_logprobs"].append(top)
-            out["text_offset"].append(self._text_offset)
-            self._text_offset += len(token)
+            out["text_offset"].append(self._offsets.add(e.token_id) if self._offsets is not None
+                                      else self._num_chars)
         for key, values in out.items():
             self._logprobs[key].extend(values)
-        return out
+        if not self.req.stream:
+            return out
+        # Release the entries whose text the client has; hold the rest (their offsets may still be cut).
+        for key, values in out.items():
+            self._pending[key].extend(values)
+        # An offset within the text sent so far can never point past the final text.
+        offsets = self._pending["text_offset"]
+        num_ready = next((i for i, offset in enumerate(offsets) if offset > self._num_chars), len(offsets))
+        ready = {key: values[:num_ready] for key, values in self._pending.items()}
+        self._pending = {key: values[num_ready:] for key, values in self._pending.items()}
+        return ready
+
+    def _flush_pending(self) -> None:
+        """At the end: no text_offset points past the returned text (a stop string or stop token cut it), and a
+        stream's held entries go out with its last chunk."""
+        for offsets in (self._logprobs["text_offset"], self._pending["text_offset"]):
+            offsets[:] = [min(offset, self._num_chars) for offset in offsets]
+        if not self.req.stream or not self._pending["tokens"]:
+            return
+        if self._last_logprobs is None:
+            self._last_logprobs = {key: [] for key in self._pending}
+        for key, values in self._pending.items():
+            self._last_logprobs[key].extend(values)
+            values.clear()
 
     def _token(self, token_id: int) -> str:
-        if self._decoder is None:
+        if self._token_bytes is None:
             return f"token_id:{token_id}"  # vLLM's return_tokens_as_token_ids form, for tokenizer-less models
-        return self._decoder.decode([token_id], skip_special_tokens=False)
+        return token_str(self._token_bytes(token_id))
 
-    @staticmethod
-    def _chat_logprob(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode("utf-8"))}
+    def _chat_logprob(self, token_id: int, logprob: float) -> dict:
+        if self._token_bytes is None:
+            token = f"token_id:{token_id}"
+            return {"token": token, "logprob": _logprob(logprob), "bytes": list(token.encode("utf-8"))}
+        data = self._token_bytes(token_id)
+        return {"token": token_str(data), "logprob": _logprob(logprob), "bytes": list(data)}
 
 
 def _logprob(x: float) -> float:

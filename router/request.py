@@ -397,17 +397,12 @@ class GenerateCall:
         """Send the new tokens as one chunk (and the Complete when finished); True when the request finished."""
         ids = list(token_ids)
         detok = self.detok
-        if len(ids) > 1 and self.params.stop:
-            # Stop strings end the request at the token that completes them, as if tokens came one at a time.
-            stop_str = None
-            for i, token_id in enumerate(ids):
-                stop_str = detok.update([token_id])
-                if stop_str is not None:
-                    del ids[i + 1:]
-                    break
-        else:
-            stop_str = detok.update(ids)
+        # A worker's "stop" is a stop token id or EOS (workers see no stop strings): its text is left out unless
+        # include_stop_str_in_output. A stop string ends the request at the token that completes it, and only
+        # after min_tokens tokens (the rules: workers/detokenizer.py).
+        stop_str = detok.update(ids, stop_terminated=finish_reason == pb.FINISH_REASON_STOP)
         if stop_str is not None:
+            del ids[len(detok.output_token_ids) - len(self.output_ids):]
             finish_reason = pb.FINISH_REASON_STOP
         self.output_ids.extend(ids)
         finished = finish_reason != UNFINISHED

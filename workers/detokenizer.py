@@ -4,6 +4,15 @@ Text is produced with the prefix_offset/read_offset technique: decode a short wi
 tokens alone and together with the new tokens, and emit the difference once it no longer ends in an
 incomplete UTF-8 sequence ("\ufffd"). Decoding from a token boundary inside the window keeps BPE/sentencepiece
 leading spaces right, and costs O(window) per step rather than O(output).
+
+Stop rules (vLLM's: vllm/v1/engine/detokenizer.py `update` and vllm/v1/core/sched/utils.py `check_stop`):
+  - A stop token (an id in `stop_token_ids`, or EOS unless `ignore_eos`) ends the request in the engine, and only
+    once `min_tokens` tokens exist (before that the sampler bans those ids). Its text is left out of the output
+    unless `include_stop_str_in_output`; its id stays in the token ids.
+  - A stop string may only end the request at the (min_tokens + 1)-th token or later, and only by text that
+    tokens after the first `min_tokens` produced: text of the first `min_tokens` tokens never matches alone (a
+    match may start in it and end after it). The output ends before the stop string, or after it with
+    `include_stop_str_in_output`; tokens after the one that completed it are dropped.
 """
 from __future__ import annotations
 
@@ -40,21 +49,39 @@ class IncrementalDetokenizer:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
-    def update(self, new_token_ids: list[int]) -> str | None:
-        """Append newly sampled tokens; returns the stop string that matched, else None."""
-        if self.stop_str is not None:
+    def update(self, new_token_ids: list[int], stop_terminated: bool = False) -> str | None:
+        """Append newly sampled tokens; returns the stop string that matched, else None.
+
+        `stop_terminated`: the engine ended the request at the last of these tokens (a stop token id or EOS), so
+        its text is left out unless include_stop_str_in_output. When a stop string completes before the last
+        token, the later tokens are dropped, as if tokens had come one at a time.
+        """
+        if self.stop_str is not None or not new_token_ids:
             return None
-        self.token_ids.extend(new_token_ids)
-        if self.tokenizer is None:
-            return None
+        skipped = None
+        if stop_terminated and not self.params.include_stop_str_in_output:
+            *new_token_ids, skipped = new_token_ids
+        if self.tokenizer is None or not self.params.stop:
+            self.token_ids.extend(new_token_ids)
+            if self.tokenizer is not None:
+                self.output_text += self._decode_new_text()
+        else:
+            for token_id in new_token_ids:
+                self._update_one(token_id)
+                if self.stop_str is not None:
+                    return self.stop_str  # the stop token, if any, came after: dropped with the rest
+        if skipped is not None:
+            self.token_ids.append(skipped)
+        return self.stop_str
+
+    def _update_one(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
         new_text = self._decode_new_text()
-        if not new_text:
-            return None
         num_old_chars = len(self.output_text)
         self.output_text += new_text
-        if self.params.stop:
+        # A match must end in this token's text, and not before the (min_tokens + 1)-th token.
+        if self.params.stop and new_text and len(self.token_ids) - self.num_prompt_tokens > self.params.min_tokens:
             self._check_stop_strings(num_old_chars)
-        return self.stop_str
 
     def get_next_text_delta(self, finished: bool = False) -> str:
         """Text not returned before, for streaming. Pass finished=True on the last call of a request.

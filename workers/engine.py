@@ -218,7 +218,9 @@ class LLMEngine:
             if req.req_id not in sampled:
                 continue
             detok = self.detokenizers[req.req_id]
-            stop_str = detok.update([sampled[req.req_id]])
+            # A stop token id or EOS ended it in the scheduler: its text is left out (include_stop_str_in_output).
+            stop_str = detok.update([sampled[req.req_id]],
+                                    stop_terminated=req.status == RequestStatus.FINISHED_STOPPED)
             if stop_str is not None and not req.status.is_finished:
                 req.stop_reason = stop_str
                 if req.status == RequestStatus.PREFILLED:

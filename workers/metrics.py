@@ -12,6 +12,13 @@ Prometheus names (every point labelled worker_id and worker_role):
   tandem_kv_transfers_total{direction}, tandem_kv_transfer_leases_expired_total,
   tandem_kv_transfer_latency_seconds (decode side: pull until the payload is here),
   tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread).
+
+Prefix cache counters count each request once, when the worker admits it to compute its prompt: not at every
+scheduling attempt while it waits for blocks, nor again after a preemption. A disaggregated request is counted by
+its prefill worker (the prompt it computed, and the part of it its own cache served); the decode worker that
+imports its KV does not count it (its cached blocks only save copies). A request prefilled on the decode worker
+(a short prompt, a failed KV pull, or a migration that recomputes prompt and output so far) is counted there. So
+the sums over all workers give the cluster's hit rate, each prompt once per prefill.
 """
 from __future__ import annotations
 
@@ -32,8 +39,10 @@ _GAUGES = (
 _COUNTERS = (
     ("tandem.prompt_tokens", "num_prompt_tokens", "{token}", "Prompt tokens of requests prefilled here"),
     ("tandem.generation_tokens", "num_generation_tokens", "{token}", "Tokens sampled here"),
-    ("tandem.prefix_cache_queries", "prefix_cache_queries", "{token}", "Prompt tokens looked up in the prefix cache"),
-    ("tandem.prefix_cache_hits", "prefix_cache_hits", "{token}", "Prompt tokens found in the prefix cache"),
+    ("tandem.prefix_cache_queries", "prefix_cache_queries", "{token}",
+     "Prompt tokens of requests prefilled here, each request once at admission (imported KV not counted)"),
+    ("tandem.prefix_cache_hits", "prefix_cache_hits", "{token}",
+     "Of tandem_prefix_cache_queries, the tokens this worker's prefix cache served"),
     ("tandem.num_preemptions", "num_preemptions", "{preemption}", "Requests preempted (recomputed later)"),
 )
 

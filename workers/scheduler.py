@@ -136,9 +136,11 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
             if req.num_cached_tokens < 0:
+                # First admission: counted once, not at failed attempts before it nor again after a preemption.
                 req.num_cached_tokens = num_cached
                 req.first_scheduled_time = time.monotonic()
                 self.num_prompt_tokens += req.num_prompt_tokens
+                self.kv.record_prefix_lookup(req.num_tokens, num_cached)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled.append(ScheduledSeq(req, num_cached, num_new))

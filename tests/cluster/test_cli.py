@@ -63,7 +63,8 @@ def test_tandem_up_generate_status_and_sigterm():
     try:
         assert address in log[-1]
 
-        out = _tandem("generate", "The capital of France is", "--address", address, "--max-tokens", "8")
+        # The README's first example: a real answer (the chat template is applied), not an empty one.
+        out = _tandem("generate", "Write a haiku about GPUs.", "--address", address, "--max-tokens", "64")
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()
         assert "completion" in out.stderr and "TTFT" in out.stderr

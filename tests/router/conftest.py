@@ -49,7 +49,9 @@ def served_model() -> ServedModel:
 
 @pytest.fixture(scope="session")
 def script(served_model) -> list[int]:
-    return served_model.tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
+    """What fake workers generate: SCRIPT_TEXT, then EOS, on which they say "stop" as a real engine does (the
+    router then leaves the stop token's text out)."""
+    return served_model.tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False) + [served_model.tokenizer.eos_token_id]
 
 
 class Env:

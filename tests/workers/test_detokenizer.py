@@ -128,3 +128,50 @@ def test_stop_hold_back_is_released_when_finished(tokenizer, prompt_ids):
     detok.update(output_ids)
     assert detok.get_next_text_delta() == "hello wor"
     assert detok.get_next_text_delta(finished=True) == "ld"
+
+
+# --- stop rules with min_tokens and stop tokens (vLLM's; see workers/detokenizer.py) ------------------------
+
+def test_stop_string_waits_for_min_tokens(tokenizer, prompt_ids):
+    output_ids = tokenizer.encode(" 6, 7, 8, 9, 10")  # ' ', '6', ',', ' ', '7', ',', ...
+    for min_tokens, expected, num_tokens in ((0, " 6", 3), (3, " 6, 7", 6), (8, " 6, 7, 8", 9)):
+        detok = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams(stop=[","], min_tokens=min_tokens,
+                                                                             max_tokens=20))
+        matched = [detok.update([t]) for t in output_ids]
+        assert detok.output_text == expected and detok.stop_str == ","
+        assert len(detok.output_token_ids) == num_tokens and matched.index(",") == num_tokens - 1
+
+
+def test_stop_string_may_start_within_min_tokens(tokenizer, prompt_ids):
+    output_ids = tokenizer.encode(" 6, 7, 8")
+    # ", 7" starts at the 3rd token and completes at the 5th, after min_tokens=4 tokens.
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams(stop=[", 7"], min_tokens=4))
+    assert [detok.update([t]) for t in output_ids].index(", 7") == 4
+    assert detok.output_text == " 6"
+
+
+def test_one_update_ends_at_the_token_completing_the_stop_string(tokenizer, prompt_ids):
+    output_ids = tokenizer.encode(" 6, 7, 8, 9")
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams(stop=[","], min_tokens=4))
+    assert detok.update(output_ids) == ","
+    assert detok.output_token_ids == output_ids[:6] and detok.output_text == " 6, 7"
+    assert detok.get_next_text_delta(finished=True) == " 6, 7"
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_text_is_left_out_unless_asked(tokenizer, prompt_ids, include):
+    output_ids = tokenizer.encode(" 6,")  # the engine stopped at "," (stop_token_ids=[28])
+    params = SamplingParams(stop_token_ids=[output_ids[-1]], include_stop_str_in_output=include)
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
+    detok.update(output_ids[:-1])
+    detok.update(output_ids[-1:], stop_terminated=True)
+    assert detok.output_text == (" 6," if include else " 6")
+    assert detok.output_token_ids == output_ids  # the id stays
+
+
+def test_stop_token_in_a_batch_of_tokens_and_with_special_tokens_shown(tokenizer, prompt_ids):
+    output_ids = tokenizer.encode("Sure thing") + [IM_END]
+    params = SamplingParams(skip_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, params)
+    detok.update(output_ids, stop_terminated=True)  # EOS ends it: even shown special tokens leave it out
+    assert detok.output_text == "Sure thing" and detok.output_token_ids == output_ids

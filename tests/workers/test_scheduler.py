@@ -125,3 +125,40 @@ def test_abort_frees_blocks():
     sched.finish(a, RequestStatus.FINISHED_ABORTED)
     assert a.status.finish_reason == "abort"
     assert sched.num_running == 1 and sched.kv.block_ids(a.req_id) == []
+
+
+def test_prefix_cache_counts_each_prompt_once_under_kv_pressure():
+    # 8 blocks of 4 tokens. Three 12-token prompts: the second and third wait for blocks for many steps, and
+    # decoding preempts them again; each prompt is still one query, counted when it is first admitted.
+    sched = make_scheduler(num_blocks=8, block_size=4)
+    reqs = make_requests(12, 12, 12, max_tokens=8)
+    for r in reqs:
+        sched.add_request(r)
+    num_waiting_steps = 0
+    for _ in range(200):
+        if not sched.has_work():
+            break
+        num_waiting_steps += bool(sched.waiting)
+        run_step(sched)
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in reqs)
+    assert num_waiting_steps > 10 and sum(r.num_preemptions for r in reqs) >= 1, "not under KV pressure"
+    assert sched.kv.prefix_queries == 3 * 12 and sched.kv.prefix_hits == 0
+
+    # A prompt, then the same prompt again: its first two blocks are cached (the last token is always computed).
+    first, again = make_requests(12, 12, max_tokens=2)
+    again.prompt_token_ids[:] = again.all_token_ids[:] = first.prompt_token_ids
+    for r in (first, again):
+        sched.add_request(r)
+        while sched.has_work():
+            run_step(sched)
+    assert again.num_cached_tokens == 8
+    assert sched.kv.prefix_queries == 5 * 12 and sched.kv.prefix_hits == 8
+
+
+def test_prefix_cache_counts_nothing_when_disabled():
+    sched = Scheduler(SchedulerConfig(), KVCacheManager(8, 4, enable_prefix_caching=False), max_model_len=4096)
+    for r in make_requests(12, 12):
+        sched.add_request(r)
+    while sched.has_work():
+        run_step(sched)
+    assert sched.kv.prefix_queries == 0 and sched.kv.prefix_hits == 0

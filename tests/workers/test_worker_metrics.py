@@ -115,3 +115,42 @@ def test_metrics_port_off():
     assert WorkerConfig(metrics_port=-1).metrics_port == -1
     with pytest.raises(ValueError, match="metrics_port"):
         WorkerConfig(metrics_port=-2)
+
+
+def test_prefix_cache_counts_each_prompt_once_on_the_worker_that_prefills_it(workers):
+    """Under KV pressure (requests wait for blocks and get preempted) each prompt is one query; a disaggregated
+    request counts on its prefill worker, not on the decode worker that imports its KV."""
+    import concurrent.futures
+
+    prefill, decode = workers
+    p0, d0 = scrape(prefill), scrape(decode)
+    # Disaggregated, a fresh prompt: 100 tokens queried on the prefill worker, none on the decode worker.
+    prompt = list(range(5000, 5100))
+    request = wpb.EngineRequest(request_id="pc-1", prompt_token_ids=prompt,
+                                sampling=pb.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    first = stub(prefill).Prefill(wpb.PrefillRequest(request=request), timeout=60)
+    list(stub(decode).Decode(wpb.DecodeRequest(request=request, kv=first.kv), timeout=60))
+    wait_until(lambda: value(scrape(decode), "tandem_request_success_total", finished_reason="length")
+               > value(d0, "tandem_request_success_total", finished_reason="length"))
+    p1, d1 = scrape(prefill), scrape(decode)
+    assert value(p1, "tandem_prefix_cache_queries_total") - value(p0, "tandem_prefix_cache_queries_total") == 100
+    assert value(p1, "tandem_prefix_cache_hits_total") == value(p0, "tandem_prefix_cache_hits_total")
+    assert value(d1, "tandem_prefix_cache_queries_total") == value(d0, "tandem_prefix_cache_queries_total")
+
+    # Six 300-token prompts prefilled on the decode worker at once: ~2,700 tokens for a cache of ~1,400.
+    prompts = [list(range(10_000 + 1000 * k, 10_300 + 1000 * k)) for k in range(6)]
+
+    def run(k: int) -> list:
+        req = wpb.EngineRequest(request_id=f"pc-load-{k}", prompt_token_ids=prompts[k],
+                                sampling=pb.SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True))
+        return list(stub(decode).Decode(wpb.DecodeRequest(request=req), timeout=300))
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(run, range(len(prompts))))
+    assert all(out[-1].finish_reason == pb.FINISH_REASON_LENGTH for out in outs)
+    wait_until(lambda: value(scrape(decode), "tandem_num_requests_running") == 0)
+    d2 = scrape(decode)
+    assert value(d2, "tandem_num_preemptions_total") > value(d1, "tandem_num_preemptions_total"), \
+        "not under KV pressure"
+    assert value(d2, "tandem_prefix_cache_queries_total") - value(d1, "tandem_prefix_cache_queries_total") == 6 * 300
+    assert value(d2, "tandem_prefix_cache_hits_total") == value(d1, "tandem_prefix_cache_hits_total")

@@ -13,8 +13,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # leading blocks of a request already registered in the cache
-        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_hits = 0  # of which found
+        # Tokens of requests admitted for prefill here, and of those the ones served from the prefix cache; each
+        # request counted once, at admission (record_prefix_lookup), however often it is scheduled or preempted.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -49,7 +51,10 @@ class KVCacheManager:
         )
 
     def get_computed_blocks(self, request: Request) -> list[KVBlock]:
-        """Longest cached prefix of full blocks. At least one token is left to compute, for its logits."""
+        """Longest cached prefix of full blocks. At least one token is left to compute, for its logits.
+
+        Counts nothing: a waiting request is looked up at every scheduling attempt, and again after a preemption;
+        the scheduler calls record_prefix_lookup once, when it admits the request."""
         if not self.enable_prefix_caching:
             return []
         self._update_hashes(request)
@@ -60,9 +65,13 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Count one admitted request: `num_tokens` looked up, `num_cached_tokens` of them found."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += num_tokens
+            self.prefix_hits += num_cached_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] = ()) -> bool:
         """Make room for num_new_tokens after the computed ones; False (and no change) if blocks run short."""
