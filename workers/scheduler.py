@@ -56,6 +56,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Imported requests (decode role): their KV is in place, and they wait here for a seat under max_num_seqs
+        # instead of growing the batch past it; they take free seats before new prompts are admitted.
+        self.ready: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         # Prompt tokens of requests admitted for prefill here (cached ones included, as vLLM counts them); a
@@ -64,14 +67,14 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.ready)
 
     @property
     def num_running(self) -> int:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def _order_key(self, req: Request):
         if self.config.policy == "priority":
@@ -85,12 +88,16 @@ class Scheduler:
         self._enqueue(req)
 
     def add_running(self, req: Request) -> None:
-        """Adopt a request whose KV is already in place (decode role, after import)."""
+        """Adopt a request whose KV is already in place (decode role, after import). It runs from the next step
+        when fewer than max_num_seqs requests run, else it waits in `ready`, holding its blocks."""
         if req.req_id in self.requests:
             raise ValueError(f"request_id: {req.req_id!r} is already in use")
         self.requests[req.req_id] = req
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
+        req.status = RequestStatus.WAITING
+        if self.config.policy == "priority":
+            bisect.insort(self.ready, req, key=self._order_key)
+        else:
+            self.ready.append(req)
 
     def _enqueue(self, req: Request) -> None:
         if self.config.policy == "priority":
@@ -104,6 +111,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[Request] = []
+
+        while self.ready and len(self.running) < self.config.max_num_seqs:
+            req = self.ready.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -188,6 +200,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.ready:
+            self.ready.remove(req)
         req.status = status
         self.kv.free(req)
         self.requests.pop(req.req_id, None)

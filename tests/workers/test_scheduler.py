@@ -162,3 +162,39 @@ def test_prefix_cache_counts_nothing_when_disabled():
     while sched.has_work():
         run_step(sched)
     assert sched.kv.prefix_queries == 0 and sched.kv.prefix_hits == 0
+
+
+def _adopt(sched: Scheduler, req: Request) -> None:
+    """What LLMEngine.import_kv does: blocks for the prompt, its KV in place, one output token sampled."""
+    assert sched.kv.allocate_slots(req, req.num_prompt_tokens)
+    req.num_computed_tokens = req.num_prompt_tokens
+    req.append_output_token(5)
+    sched.add_running(req)
+
+
+def test_imported_requests_wait_for_a_seat_under_max_num_seqs():
+    sched = make_scheduler(max_num_seqs=2, role="decode")
+    reqs = make_requests(4, 4, 4, max_tokens=3)
+    for r in reqs:
+        _adopt(sched, r)
+    assert sched.num_running == 0 and sched.num_waiting == 3
+    out, _ = run_step(sched)
+    assert [s.request.req_id for s in out.seqs] == [reqs[0].req_id, reqs[1].req_id]
+    assert all(s.num_new_tokens == 1 for s in out.seqs), "adopted requests decode, they do not recompute"
+    assert sched.num_running == 2 and sched.num_waiting == 1 and reqs[2].num_output_tokens == 1
+    run_step(sched)  # the first two reach max_tokens=3 and finish
+    assert reqs[0].status.is_finished and reqs[1].status.is_finished
+    out, _ = run_step(sched)
+    assert [s.request.req_id for s in out.seqs] == [reqs[2].req_id]
+
+
+def test_an_imported_request_aborted_while_waiting_frees_its_blocks():
+    sched = make_scheduler(max_num_seqs=1, role="decode")
+    a, b = make_requests(8, 8)
+    _adopt(sched, a)
+    _adopt(sched, b)
+    used = sched.kv.num_used_blocks
+    sched.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.num_used_blocks < used and sched.num_waiting == 1  # a still waits for the seat
+    out, _ = run_step(sched)
+    assert [s.request.req_id for s in out.seqs] == [a.req_id]
