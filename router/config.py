@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+
+from tandem.tls import TLSConfig
 
 MODES = ("disaggregated", "colocated")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -38,6 +41,14 @@ class RouterConfig:
     stats_poll_interval_s: float = 0.1
     # How long stop() lets in-flight requests finish when no grace is given.
     drain_timeout_s: float = 30.0
+    # TLS on both client fronts (gRPC port and HTTP port), vLLM's names: certificate and key; with ssl_ca_certs,
+    # clients must present a certificate it signed (mTLS) unless ssl_cert_reqs is 0. See tandem/tls.py.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int | None = None
+    # Mutual TLS to the registry and the workers (TLSConfig.internal); None: plaintext.
+    internal_tls: TLSConfig | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -69,6 +80,12 @@ class RouterConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+        _ = self.ssl  # checks the files now
+
+    @cached_property
+    def ssl(self) -> TLSConfig | None:
+        """The client fronts' TLS, or None (plaintext)."""
+        return TLSConfig.front(self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certs, self.ssl_cert_reqs)
 
     @property
     def pools(self) -> tuple[str, ...]:
