@@ -11,6 +11,7 @@ import sys
 import grpc
 
 from loadtest import cli as loadtest_cli
+from tandem import tls
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate(sub.add_parser("generate", help="stream a completion from a running router"))
     st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
+    tls.add_client_arguments(st)
     loadtest_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
@@ -62,6 +64,7 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus-per-worker", type=float, default=0)
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per CPU worker (default: its CPUs)")
     p.add_argument("--log-level", default="INFO")
+    tls.add_server_arguments(p)
 
 
 def _up(args) -> int:
@@ -82,14 +85,17 @@ def _up(args) -> int:
             prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
             engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
             num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
-            torch_threads=args.torch_threads,
+            torch_threads=args.torch_threads, internal_tls=tls.internal_from_args(args),
         )
+        tls.front_from_args(args)  # checked here, used by the router
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
     router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
                                         ("max_queued_requests", args.max_queued_requests)) if v is not None}
     router_options["http_port"] = args.http_port
+    router_options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
+                          ssl_cert_reqs=args.ssl_cert_reqs)
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
@@ -108,10 +114,11 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
     try:
         registry = await loop.run_in_executor(None, controller.start)
         router = Router(RouterConfig(host=host, port=port, registry_address=registry, model=config.model,
-                                     mode=config.mode, **router_options))
+                                     mode=config.mode, internal_tls=config.internal_tls, **router_options))
         address = await router.start()
         await router.wait_ready(timeout_s=60)
-        http = f"http://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
+        scheme = "https" if router.config.ssl else "http"
+        http = f"{scheme}://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
         print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation) and {http}; "
               f"registry at {registry}; mode {config.mode}. Ctrl-C stops.", flush=True)
         await stop.wait()
@@ -136,6 +143,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    tls.add_client_arguments(p)
 
 
 def _generate(args) -> int:
@@ -149,7 +157,7 @@ def _generate(args) -> int:
         req.chat.messages.add(role="user", content=args.prompt)
     else:
         req.text = args.prompt
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args, "generate") as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             for resp in stub.Generate(req, timeout=args.timeout):
@@ -171,10 +179,18 @@ def _generate(args) -> int:
     return 0
 
 
+def _channel(args, command: str) -> grpc.Channel:
+    try:
+        return tls.channel(args.address, tls.client_from_args(args))
+    except ValueError as e:
+        print(f"tandem {command}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # --- tandem status ------------------------------------------------------------------------------------
 
 def _status(args) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args, "status") as channel:
         try:
             status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10)
         except grpc.RpcError as e:

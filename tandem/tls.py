@@ -194,3 +194,49 @@ def aio_channel(target: str, tls: TLSConfig | None, options: Sequence[tuple[str,
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+# --- command-line options (tandem up, and the clients: generate, status, loadtest) ---------------------------
+
+def add_server_arguments(p) -> None:
+    """`tandem up`'s TLS options: vLLM's --ssl-* for the client fronts, --internal-tls-* for the cluster."""
+    g = p.add_argument_group("TLS", "client fronts (gRPC and HTTP ports): vLLM's --ssl-* options; cluster traffic "
+                                    "(registry, workers, KV transfer): mutual TLS with --internal-tls-*")
+    g.add_argument("--ssl-certfile", default=None, help="PEM certificate (chain) the router's fronts serve")
+    g.add_argument("--ssl-keyfile", default=None, help="its unencrypted PEM private key")
+    g.add_argument("--ssl-ca-certs", default=None, help="CA bundle for client certificates: clients must present "
+                                                        "one it signed (mTLS) unless --ssl-cert-reqs 0")
+    g.add_argument("--ssl-cert-reqs", type=int, default=None, choices=sorted(CERT_REQS),
+                   help="0: no client certificate, 2: required (default: 2 with --ssl-ca-certs, else 0)")
+    g.add_argument("--internal-tls-certfile", default=None,
+                   help="PEM certificate every component presents; needs IP SANs for the addresses components "
+                        "listen on, or a DNS SAN named by --internal-tls-server-name")
+    g.add_argument("--internal-tls-keyfile", default=None, help="its unencrypted PEM private key")
+    g.add_argument("--internal-tls-ca-certs", default=None, help="the cluster CA that signed every component's cert")
+    g.add_argument("--internal-tls-server-name", default=None,
+                   help="verify every component's certificate against this name instead of its IP address")
+
+
+def front_from_args(args) -> TLSConfig | None:
+    return TLSConfig.front(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs, args.ssl_cert_reqs)
+
+
+def internal_from_args(args) -> TLSConfig | None:
+    return TLSConfig.internal(args.internal_tls_certfile, args.internal_tls_keyfile, args.internal_tls_ca_certs,
+                              args.internal_tls_server_name)
+
+
+def add_client_arguments(p) -> None:
+    """A client's options for a router that serves TLS (`--tls`, implied by the others)."""
+    g = p.add_argument_group("TLS", "for a router started with --ssl-certfile")
+    g.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    g.add_argument("--ca-certs", default=None, help="CA bundle that verifies the router's certificate (implies --tls)")
+    g.add_argument("--certfile", default=None, help="client certificate, for a router that requires one (mTLS)")
+    g.add_argument("--keyfile", default=None, help="its unencrypted PEM private key")
+
+
+def client_from_args(args) -> TLSConfig | None:
+    """The client TLS the options ask for; None: plaintext. ValueError naming the option for a bad file."""
+    if not (args.tls or args.ca_certs or args.certfile or args.keyfile):
+        return None
+    return TLSConfig(args.certfile, args.keyfile, args.ca_certs)
