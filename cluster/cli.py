@@ -157,7 +157,9 @@ def _generate(args) -> int:
         req.chat.messages.add(role="user", content=args.prompt)
     else:
         req.text = args.prompt
-    with _channel(args, "generate") as channel:
+    if (channel := _channel(args, "generate")) is None:
+        return 2
+    with channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             for resp in stub.Generate(req, timeout=args.timeout):
@@ -179,18 +181,21 @@ def _generate(args) -> int:
     return 0
 
 
-def _channel(args, command: str) -> grpc.Channel:
+def _channel(args, command: str) -> grpc.Channel | None:
+    """A channel to the router, TLS as the options say; None after printing why the options are bad."""
     try:
         return tls.channel(args.address, tls.client_from_args(args))
     except ValueError as e:
         print(f"tandem {command}: {e}", file=sys.stderr)
-        sys.exit(2)
+        return None
 
 
 # --- tandem status ------------------------------------------------------------------------------------
 
 def _status(args) -> int:
-    with _channel(args, "status") as channel:
+    if (channel := _channel(args, "status")) is None:
+        return 2
+    with channel:
         try:
             status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10)
         except grpc.RpcError as e:
