@@ -76,3 +76,34 @@ def test_clients_refuse_a_missing_ca_file_by_name(capsys):
 
     assert main(["status", "--address", "127.0.0.1:1", "--ca-certs", "/nonexistent/ca.pem"]) == 2
     assert "tandem status: ca_certs: no such file '/nonexistent/ca.pem'" in capsys.readouterr().err
+
+
+def test_registry_serves_mutual_tls_and_the_server_name_stands_in_for_ip_sans(certs):
+    """A certificate that names only `tandem-internal` (no IP SAN) is accepted once clients expect that name."""
+    import grpc
+
+    from cluster.registry import WorkerRegistry
+    from tandem import tls
+    from tandem.v1 import worker_pb2 as wpb
+    from tandem.v1 import worker_pb2_grpc
+    from tests.tls_certs import INTERNAL_NAME
+
+    registry = WorkerRegistry()
+    address = registry.serve("127.0.0.1", 0, TLSConfig.internal(certs.named_cert, certs.named_key, certs.ca))
+    registry.add(wpb.WorkerInfo(worker_id="w1", role="decode", address="127.0.0.1:1"))
+
+    def list_workers(client: TLSConfig | None):
+        with tls.channel(address, client) as channel:
+            return worker_pb2_grpc.RegistryStub(channel).ListWorkers(wpb.ListWorkersRequest(), timeout=10)
+
+    try:
+        named = TLSConfig.internal(certs.cert, certs.key, certs.ca, server_name=INTERNAL_NAME)
+        assert [w.worker_id for w in list_workers(named).workers] == ["w1"]
+        for refused in (TLSConfig.internal(certs.cert, certs.key, certs.ca),  # checks the IP: no IP SAN
+                        TLSConfig(ca_certs=certs.ca, server_name=INTERNAL_NAME),  # no client certificate
+                        None):  # plaintext
+            with pytest.raises(grpc.RpcError) as e:
+                list_workers(refused)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        registry.stop()
