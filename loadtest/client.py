@@ -187,8 +187,9 @@ class _Connected:
             await asyncio.wait_for(self.channel.channel_ready(), self.timeout_s)
         except asyncio.TimeoutError:
             await self.channel.close()
+            hint = "; over TLS: check --ca-certs, --certfile, --keyfile" if self.tls is not None else ""
             raise ConnectionError(f"--target: no gRPC server answered at {self.target} "
-                                  f"within {self.timeout_s:.0f} s") from None
+                                  f"within {self.timeout_s:.0f} s{hint}") from None
         return generation_pb2_grpc.GenerationStub(self.channel)
 
     async def __aexit__(self, *exc) -> None:

@@ -114,3 +114,23 @@ def test_cert_reqs_0_serves_clients_without_a_certificate(tls_env, certs, script
     env = tls_env(ssl_ca_certs=certs.ca, ssl_cert_reqs=ssl.CERT_NONE)
     assert grpc_generate(env.address, credentials(certs)).token_ids == script[:8]
     assert https_completion(env.router.http_address, client_context(certs))[0] == 200
+
+
+def test_loadtest_driver_runs_against_an_mtls_router(tls_env, certs, script):
+    """`tandem loadtest --ca-certs --certfile --keyfile`: the driver's channel presents the client certificate."""
+    import asyncio
+
+    from loadtest.client import LoadDriver
+    from loadtest.prompts import RequestSpec
+    from tandem.tls import TLSConfig
+
+    env = tls_env(ssl_ca_certs=certs.ca)
+    prompt = tuple(env.model.encode_text(LONG_TEXT))
+    specs = [RequestSpec(index=i, kind="default", prompt_ids=prompt, max_tokens=6, arrival_s=0.0) for i in range(2)]
+    driver = LoadDriver(env.address, model=None, timeout_s=10,
+                        tls=TLSConfig(certs.client_cert, certs.client_key, certs.ca))
+    load = asyncio.run(driver.run_open_loop(specs))
+    assert [(r.status, r.output_tokens) for r in load.records] == [("OK", 6), ("OK", 6)]
+    without_cert = LoadDriver(env.address, model=None, timeout_s=10, tls=TLSConfig(ca_certs=certs.ca))
+    with pytest.raises(ConnectionError, match="no gRPC server answered.*over TLS: check --ca-certs"):
+        asyncio.run(without_cert.run_open_loop(specs, connect_timeout_s=2))
