@@ -13,6 +13,7 @@ covers the same copies as end-to-end (tcp: the socket path; shm: into shared mem
 
     python benchmarks/bench_kv_transfer.py                 # every transport, 4/16/64/256 MiB
     python benchmarks/bench_kv_transfer.py --markdown      # also print a markdown table
+    python benchmarks/bench_kv_transfer.py --tls           # with mutual TLS (internal_tls), certificates from trustme
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import multiprocessing as mp
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -52,9 +54,9 @@ def make_payload(request_id: str, kv_bytes: int) -> KVPayload:
                      num_computed_tokens=num_tokens, num_cached_tokens=0, kv=kv)
 
 
-def sender_main(transport_name: str, commands: mp.Queue, replies: mp.Queue) -> None:
+def sender_main(transport_name: str, commands: mp.Queue, replies: mp.Queue, tls=None) -> None:
     """The prefill side: offer a fresh payload per command (transfer_id, kv_bytes); reply with the offer time."""
-    transport = make_kv_transport(transport_name)
+    transport = make_kv_transport(transport_name, tls=tls)
     replies.put(transport.start())
     for transfer_id, kv_bytes in iter(commands.get, None):
         payload = make_payload(transfer_id, kv_bytes)
@@ -66,12 +68,13 @@ def sender_main(transport_name: str, commands: mp.Queue, replies: mp.Queue) -> N
     transport.close()
 
 
-def bench_transport(name: str, sizes_mib: list[int], repeats: int) -> list[dict]:
+def bench_transport(name: str, sizes_mib: list[int], repeats: int, tls=None) -> list[dict]:
     ctx = mp.get_context("spawn")
     commands, replies = ctx.Queue(), ctx.Queue()
-    sender = ctx.Process(target=sender_main, args=(name, commands, replies), daemon=True)
+    sender = ctx.Process(target=sender_main, args=(name, commands, replies, tls), daemon=True)
     sender.start()
-    receiver = make_kv_transport(name)
+    receiver = make_kv_transport(name, tls=tls)
+    label = f"{name}+tls" if tls is not None else name
     rows = []
     try:
         endpoint = replies.get(timeout=60)
@@ -90,7 +93,7 @@ def bench_transport(name: str, sizes_mib: list[int], repeats: int) -> list[dict]
                 del payload
             offer, fetch = statistics.median(offer_s[1:]), statistics.median(fetch_s[1:])
             raw = type(receiver).measure_raw_bandwidth(num_bytes, repeats=repeats)
-            rows.append(dict(transport=name, size_mib=num_bytes / MIB, offer_ms=offer * 1e3, fetch_ms=fetch * 1e3,
+            rows.append(dict(transport=label, size_mib=num_bytes / MIB, offer_ms=offer * 1e3, fetch_ms=fetch * 1e3,
                              fetch_gib_s=num_bytes / fetch / GIB, end_to_end_gib_s=num_bytes / (offer + fetch) / GIB,
                              raw_gib_s=raw / GIB, end_to_end_vs_raw=num_bytes / (offer + fetch) / raw))
             print(_format_row(rows[-1]), flush=True)
@@ -130,12 +133,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", type=Path, default=None, help="also write the rows and the machine to this JSON file")
     p.add_argument("--markdown", action="store_true", help="print a markdown table at the end")
+    p.add_argument("--tls", action="store_true", help="mutual TLS on the transports' tcp connections (raw stays plain)")
     return p.parse_args(argv)
+
+
+def throwaway_tls(folder: Path):
+    """A cluster CA and one certificate for 127.0.0.1 (trustme, from the test extra), as TLSConfig.internal."""
+    import trustme
+
+    from tandem.tls import TLSConfig
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(folder / "key.pem"))
+    return TLSConfig.internal(str(folder / "cert.pem"), str(folder / "key.pem"), str(folder / "ca.pem"))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = [row for name in args.transports for row in bench_transport(name, args.sizes_mib, args.repeats)]
+    with tempfile.TemporaryDirectory() as folder:
+        tls = throwaway_tls(Path(folder)) if args.tls else None
+        rows = [row for name in args.transports for row in bench_transport(name, args.sizes_mib, args.repeats, tls)]
     if args.markdown:
         print(format_markdown(rows))
     if args.output is not None:

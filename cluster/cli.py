@@ -13,6 +13,7 @@ import grpc
 
 from loadtest import cli as loadtest_cli
 from router.tenants import add_auth_arguments, tenancy_from_args
+from tandem import tls
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="pools, workers, queues and KV usage of a running cluster")
     st.add_argument("--address", default=DEFAULT_ADDRESS, help="router host:port (default %(default)s)")
     st.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
+    tls.add_client_arguments(st)
     loadtest_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -72,6 +74,7 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus-per-worker", type=float, default=0)
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per CPU worker (default: its CPUs)")
     p.add_argument("--log-level", default="INFO")
+    tls.add_server_arguments(p)
 
 
 def _up(args) -> int:
@@ -106,8 +109,9 @@ def _up(args) -> int:
             prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
             engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
             num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
-            torch_threads=args.torch_threads,
+            torch_threads=args.torch_threads, internal_tls=tls.internal_from_args(args),
         )
+        tls.front_from_args(args)  # checked here, used by the router
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -116,6 +120,8 @@ def _up(args) -> int:
                                         ("max_queue_time_s", args.max_queue_time_s)) if v is not None}
     router_options["http_port"] = args.http_port
     router_options["tenancy"] = tenancy
+    router_options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
+                          ssl_cert_reqs=args.ssl_cert_reqs)
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
@@ -134,13 +140,14 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
     try:
         registry = await loop.run_in_executor(None, controller.start)
         router = Router(RouterConfig(host=host, port=port, registry_address=registry, model=config.model,
-                                     mode=config.mode, **router_options))
+                                     mode=config.mode, internal_tls=config.internal_tls, **router_options))
         address = await router.start()
         await router.wait_ready(timeout_s=60)
         for sig in (signal.SIGINT, signal.SIGTERM):
             # Again: ray.init() put Ray's C++ failure handler (a stack dump on SIGTERM) in front of ours.
             loop.add_signal_handler(sig, stop.set)
-        http = f"http://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
+        scheme = "https" if router.config.ssl else "http"
+        http = f"{scheme}://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
         print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation) and {http}; "
               f"registry at {registry}; mode {config.mode}. Ctrl-C stops.", flush=True)
         await stop.wait()
@@ -169,6 +176,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     p.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
+    tls.add_client_arguments(p)
 
 
 # The router's refusal of a chat for a model without a chat template (router/model.py).
@@ -188,7 +196,9 @@ def _generate(args) -> int:
         req.text = args.prompt
     else:
         req.chat.messages.add(role="user", content=args.prompt)
-    with grpc.insecure_channel(args.address) as channel:
+    if (channel := _channel(args, "generate")) is None:
+        return 2
+    with channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             return _stream_answer(stub, req, args.timeout, _auth_metadata(args.api_key))
@@ -227,10 +237,21 @@ def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+def _channel(args, command: str) -> grpc.Channel | None:
+    """A channel to the router, TLS as the options say; None after printing why the options are bad."""
+    try:
+        return tls.channel(args.address, tls.client_from_args(args))
+    except ValueError as e:
+        print(f"tandem {command}: {e}", file=sys.stderr)
+        return None
+
+
 # --- tandem status ------------------------------------------------------------------------------------
 
 def _status(args) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    if (channel := _channel(args, "status")) is None:
+        return 2
+    with channel:
         try:
             status = worker_pb2_grpc.ClusterStub(channel).GetStatus(wpb.GetStatusRequest(), timeout=10,
                                                                     metadata=_auth_metadata(args.api_key))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.tls import TLSConfig
 from workers.kv_transfer import KV_TRANSPORTS
 
 MODES = ("disaggregated", "colocated")
@@ -42,6 +43,8 @@ class ClusterConfig:
     # CPU) during which the pool is one short.
     health_check_timeout_s: float = 10.0
     worker_start_timeout_s: float = 600.0
+    # Mutual TLS between the registry, routers and workers, KV transfer included (TLSConfig.internal); None: plaintext.
+    internal_tls: TLSConfig | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -15,7 +15,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import grpc
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util import get_node_ip_address, placement_group, remove_placement_group
@@ -23,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.registry import WorkerRegistry
+from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.server import WorkerConfig, WorkerServer
@@ -102,7 +102,7 @@ class Controller:
                 ray.init(address=cfg.ray_address, log_to_driver=True)
             self._started_ray = True
         self.host = cfg.host or ("127.0.0.1" if cfg.ray_address is None else get_node_ip_address())
-        self.registry.serve(self.host, cfg.registry_port)
+        self.registry.serve(self.host, cfg.registry_port, cfg.internal_tls)
         launched = [self._launch(role, tp) for role, n, tp in cfg.pools() for _ in range(n)]
         for w in launched:
             self._await_ready(w)
@@ -143,7 +143,7 @@ class Controller:
         wcfg = WorkerConfig(
             role=role, engine=cfg.engine_options, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
             worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
-            torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)),
+            torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)), internal_tls=cfg.internal_tls,
         )
         actor = _RemoteWorker.options(
             num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, name=f"tandem-{worker_id}",
@@ -234,6 +234,6 @@ class Controller:
         """Every registered worker's GetStats, asked over gRPC as a router would."""
         stats = []
         for info in self.registry.workers():
-            with grpc.insecure_channel(info.address) as channel:
+            with tls.channel(info.address, self.config.internal_tls) as channel:
                 stats.append(worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=timeout_s))
         return stats

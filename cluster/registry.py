@@ -7,6 +7,7 @@ from concurrent import futures
 
 import grpc
 
+from tandem.tls import TLSConfig, add_port
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 
@@ -37,10 +38,10 @@ class WorkerRegistry(worker_pb2_grpc.RegistryServicer):
         with self._lock:
             return wpb.ListWorkersResponse(workers=list(self._workers.values()), version=self.version)
 
-    def serve(self, host: str, port: int = 0) -> str:
+    def serve(self, host: str, port: int = 0, tls: TLSConfig | None = None) -> str:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="tandem-registry"))
         worker_pb2_grpc.add_RegistryServicer_to_server(self, self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = add_port(self._server, f"{host}:{port}", tls)
         if bound == 0:
             raise OSError(f"registry_port: cannot listen on {host}:{port}")
         self._server.start()

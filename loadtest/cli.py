@@ -14,6 +14,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from tandem.tls import add_client_arguments, client_from_args
+
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_OUTPUT_ROOT = Path("bench-results") / "loadtest"
 
@@ -42,6 +44,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="closed loop: requests kept in flight")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    add_client_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also off when stdout is not a TTY)")
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--start-rate", type=float, default=0.5)
@@ -114,7 +117,8 @@ def _run(args, name: str) -> int:
     tokenizer = _load_tokenizer(args)
     try:
         with _progress(args, scenario.name) as progress:
-            result = run_scenario(scenario, tokenizer, target=args.target, output_dir=out, progress=progress)
+            result = run_scenario(scenario, tokenizer, target=args.target, output_dir=out, progress=progress,
+                                  tls=client_from_args(args))
     except KeyboardInterrupt:
         print(f"tandem loadtest: interrupted; the requests that ended are in {out}/", file=sys.stderr)
         return 130
@@ -138,7 +142,7 @@ def _sweep(args, name: str) -> int:
     try:
         with _progress(args, scenario.name) as progress:
             sweep = run_sweep(scenario, tokenizer, target=args.target, output_dir=out, config=config,
-                              progress=progress)
+                              progress=progress, tls=client_from_args(args))
     except KeyboardInterrupt:
         print(f"tandem loadtest: interrupted; the steps run so far are in {out}/rate-*/", file=sys.stderr)
         return 130

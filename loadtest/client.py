@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from loadtest.prompts import RequestSpec
+from tandem.tls import TLSConfig, aio_channel
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 
@@ -117,12 +118,14 @@ class LoadResult:
 class LoadDriver:
     """Sends a run's requests over one channel to `target` and collects their records.
 
-    `on_record(record)` is called as each request ends (the progress bar).
+    `on_record(record)` is called as each request ends (the progress bar). `tls` (tandem.tls.TLSConfig): connect
+    with TLS; None: plaintext.
     """
 
     def __init__(self, target: str, *, model: str | None, timeout_s: float,
-                 on_record: Callable[[RequestRecord], None] | None = None):
+                 on_record: Callable[[RequestRecord], None] | None = None, tls: TLSConfig | None = None):
         self.target = target
+        self.tls = tls
         self.model = model
         self.timeout_s = timeout_s
         self.on_record = on_record or (lambda record: None)
@@ -168,24 +171,25 @@ class LoadDriver:
         return record
 
     def _channel(self, connect_timeout_s: float) -> "_Connected":
-        return _Connected(self.target, connect_timeout_s)
+        return _Connected(self.target, connect_timeout_s, self.tls)
 
 
 class _Connected:
     """`async with` a channel that is connected before the run's clock starts; ConnectionError if it cannot be."""
 
-    def __init__(self, target: str, timeout_s: float):
-        self.target, self.timeout_s = target, timeout_s
+    def __init__(self, target: str, timeout_s: float, tls: TLSConfig | None = None):
+        self.target, self.timeout_s, self.tls = target, timeout_s, tls
         self.channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> generation_pb2_grpc.GenerationStub:
-        self.channel = grpc.aio.insecure_channel(self.target)
+        self.channel = aio_channel(self.target, self.tls)
         try:
             await asyncio.wait_for(self.channel.channel_ready(), self.timeout_s)
         except asyncio.TimeoutError:
             await self.channel.close()
+            hint = "; over TLS: check --ca-certs, --certfile, --keyfile" if self.tls is not None else ""
             raise ConnectionError(f"--target: no gRPC server answered at {self.target} "
-                                  f"within {self.timeout_s:.0f} s") from None
+                                  f"within {self.timeout_s:.0f} s{hint}") from None
         return generation_pb2_grpc.GenerationStub(self.channel)
 
     async def __aexit__(self, *exc) -> None:

@@ -15,11 +15,11 @@ from loadtest.scenario import Scenario
 
 async def drive(scenario: Scenario, tokenizer, *, target: str,
                 on_start: Callable[[int | None], None] = lambda total: None,
-                on_record: Callable[[RequestRecord], None] | None = None) -> LoadResult:
+                on_record: Callable[[RequestRecord], None] | None = None, tls=None) -> LoadResult:
     """Send the scenario's requests to `target`. Open-loop requests are all made (tokenized) before the clock
     starts; closed-loop ones as workers need them. `on_start(total)` gets the number of requests when known."""
     factory = RequestFactory(scenario, tokenizer)
-    driver = LoadDriver(target, model=scenario.model, timeout_s=scenario.timeout_s, on_record=on_record)
+    driver = LoadDriver(target, model=scenario.model, timeout_s=scenario.timeout_s, on_record=on_record, tls=tls)
     if scenario.arrival.is_open_loop:
         specs = open_loop_plan(scenario, factory)
         on_start(len(specs))
@@ -29,7 +29,7 @@ async def drive(scenario: Scenario, tokenizer, *, target: str,
                                         num_requests=scenario.num_requests, duration_s=scenario.duration_s)
 
 
-def run_scenario(scenario: Scenario, tokenizer, *, target: str, output_dir: Path, progress=None) -> dict:
+def run_scenario(scenario: Scenario, tokenizer, *, target: str, output_dir: Path, progress=None, tls=None) -> dict:
     """Run `scenario` against `target` and write result.json, summary.md and the plots to `output_dir`.
 
     `progress` (loadtest.progress.RunProgress or None) shows requests as they end. Returns the result dict.
@@ -46,7 +46,8 @@ def run_scenario(scenario: Scenario, tokenizer, *, target: str, output_dir: Path
     start = time.perf_counter()
     try:
         load = asyncio.run(drive(scenario, tokenizer, target=target,
-                                 on_start=progress.start if progress else (lambda total: None), on_record=on_record))
+                                 on_start=progress.start if progress else (lambda total: None), on_record=on_record,
+                                 tls=tls))
     except KeyboardInterrupt:
         # asyncio.run cancelled the requests in flight: they are not counted, as if never sent.
         load = LoadResult(sorted(ended, key=lambda r: r.index), time.perf_counter() - start)

@@ -63,7 +63,7 @@ def step_scenario(scenario: Scenario, rate: float, duration_s: float, step: int)
 
 
 def run_sweep(scenario: Scenario, tokenizer, *, target: str, output_dir: Path, config: SweepConfig,
-              progress=None) -> dict:
+              progress=None, tls=None) -> dict:
     """Run steps of rising rate; write each step's run under output_dir/rate-R/ and sweep.json, summary.md and
     goodput_vs_rate.png in output_dir. Returns the sweep result."""
     steps: list[dict] = []
@@ -72,7 +72,7 @@ def run_sweep(scenario: Scenario, tokenizer, *, target: str, output_dir: Path, c
         if progress is not None:
             progress.label = f"{scenario.name} @ {rate:.3g} req/s"
         result = run_scenario(step_scenario(scenario, rate, config.step_duration_s, k), tokenizer, target=target,
-                              output_dir=output_dir / f"rate-{rate:.3g}", progress=progress)
+                              output_dir=output_dir / f"rate-{rate:.3g}", progress=progress, tls=tls)
         steps.append({"rate": rate, **{key: result[key] for key in STEP_KEYS}})
         best = max(s["request_goodput"] for s in steps)
         attainment = result["slo_attainment"] or 0.0

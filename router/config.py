@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+
+from tandem.tls import TLSConfig
 
 from router.tenants import TenancyConfig
 
@@ -49,6 +52,14 @@ class RouterConfig:
     worker_stall_timeout_s: float = 1.5
     # How long stop() lets in-flight requests finish when no grace is given.
     drain_timeout_s: float = 30.0
+    # TLS on both client fronts (gRPC port and HTTP port), vLLM's names: certificate and key; with ssl_ca_certs,
+    # clients must present a certificate it signed (mTLS) unless ssl_cert_reqs is 0. See tandem/tls.py.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: int | None = None
+    # Mutual TLS to the registry and the workers (TLSConfig.internal); None: plaintext.
+    internal_tls: TLSConfig | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -87,6 +98,12 @@ class RouterConfig:
                              f"got {self.worker_stall_timeout_s}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
+        _ = self.ssl  # checks the files now
+
+    @cached_property
+    def ssl(self) -> TLSConfig | None:
+        """The client fronts' TLS, or None (plaintext)."""
+        return TLSConfig.front(self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certs, self.ssl_cert_reqs)
 
     @property
     def pools(self) -> tuple[str, ...]:

@@ -59,7 +59,8 @@ class OpenAIServer:
     async def start(self, host: str, port: int) -> str:
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            ssl_context = self.router.config.ssl.server_ssl_context() if self.router.config.ssl else None
+            await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         except OSError as e:
             await self._runner.cleanup()
             raise RuntimeError(f"http_port: could not bind {host}:{port}: {e.strerror or e}") from None

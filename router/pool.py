@@ -22,6 +22,7 @@ import grpc
 
 from router.config import RouterConfig
 from router.policy import WorkerLoad, pick_decode, pick_prefill
+from tandem.tls import TLSConfig, aio_channel
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ class _Pending:
 class WorkerHandle:
     """One worker: its channel, last stats, up/down state and this router's requests its stats may not show."""
 
-    def __init__(self, info: worker_pb2.WorkerInfo, now: float):
+    def __init__(self, info: worker_pb2.WorkerInfo, now: float, tls: TLSConfig | None = None):
         self.info = info
         self.worker_id = info.worker_id
         self.role = info.role
-        self.channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        self.channel = aio_channel(info.address, tls, CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.stats: worker_pb2.WorkerStats | None = None
         self.stats_issued_at = 0.0  # when the GetStats that `stats` answers was sent
@@ -128,7 +129,7 @@ class WorkerPool:
         self._tickets = itertools.count()
         self._registry_ok: bool | None = None
         self._ignored: set[str] = set()
-        self._channel = grpc.aio.insecure_channel(config.registry_address)
+        self._channel = aio_channel(config.registry_address, config.internal_tls)
         self._registry = worker_pb2_grpc.RegistryStub(self._channel)
         self._task: asyncio.Task | None = None
         self._closers: set[asyncio.Task] = set()
@@ -260,7 +261,7 @@ class WorkerPool:
         for worker_id, info in listed.items():
             worker = self.workers.get(worker_id)
             if worker is None:
-                worker = self.workers[worker_id] = WorkerHandle(info, now)
+                worker = self.workers[worker_id] = WorkerHandle(info, now, self.config.internal_tls)
                 worker.poller = asyncio.create_task(self._stats_loop(worker), name=f"router-stats-{worker_id}")
                 log.info("worker %s joined: %s at %s", worker_id, info.role, info.address)
             else:

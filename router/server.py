@@ -28,6 +28,7 @@ from router.pool import WorkerPool
 from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
 from router.tenants import KeyStore
 from tandem.telemetry import Telemetry
+from tandem.tls import add_port
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -90,7 +91,7 @@ class Router:
         await self._health.set(CLUSTER_SERVICE, SERVING)
         self._update_health()
         host = f"[{config.host}]" if ":" in config.host else config.host
-        port = server.add_insecure_port(f"{host}:{config.port}")
+        port = add_port(server, f"{host}:{config.port}", config.ssl)
         if port == 0:
             raise RuntimeError(f"port: could not bind {host}:{config.port}")
         if config.http_port >= 0:

@@ -35,6 +35,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from tandem.telemetry import Telemetry, epoch_ns_from_monotonic, extract, start_metrics_server
+from tandem.tls import TLSConfig, add_port
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.config import EngineConfig
@@ -66,6 +67,8 @@ class WorkerConfig:
     torch_threads: int | None = None
     # Prometheus `GET /metrics` on `host`: 0 picks a free port (WorkerInfo.metrics_address says which), -1: off.
     metrics_port: int = 0
+    # Mutual TLS on the Worker service and the KV transport (TLSConfig.internal); None: plaintext.
+    internal_tls: TLSConfig | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -244,7 +247,7 @@ class WorkerServer:
         options.setdefault("detokenize", False)
         options["role"] = config.role
         self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
-        self.transport = make_kv_transport(config.kv_transport)
+        self.transport = make_kv_transport(config.kv_transport, tls=config.internal_tls)
         self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
         self.loop.withdraw = self.transport.withdraw
@@ -312,7 +315,7 @@ class WorkerServer:
                                                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
                                                 ("grpc.keepalive_permit_without_calls", 1)])
         worker_pb2_grpc.add_WorkerServicer_to_server(_Servicer(self), self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = add_port(self._server, f"{host}:{port}", self.config.internal_tls)
         if bound == 0:
             raise OSError(f"port: cannot listen on {host}:{port}")
         await self._server.start()

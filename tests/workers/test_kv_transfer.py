@@ -49,9 +49,10 @@ def arenas_of(pid: int) -> list[str]:
 # --- the sending process --------------------------------------------------------------------------------
 
 
-def sender_main(name: str, commands: mp.Queue, replies: mp.Queue, fetched: mp.Queue) -> None:
-    """A prefill worker's side: serve, and run (command, *args) from the test; on_fetched goes to `fetched`."""
-    transport = make_kv_transport(name)
+def sender_main(name: str, commands: mp.Queue, replies: mp.Queue, fetched: mp.Queue, tls=None) -> None:
+    """A prefill worker's side: serve (mutual TLS with `tls`), and run (command, *args) from the test; on_fetched
+    goes to `fetched`."""
+    transport = make_kv_transport(name, tls=tls)
     transport.on_fetched = fetched.put
     replies.put((os.getpid(), transport.start()))
     for command, *args in iter(commands.get, None):
@@ -70,11 +71,11 @@ def sender_main(name: str, commands: mp.Queue, replies: mp.Queue, fetched: mp.Qu
 class Sender:
     """The test's handle on a sending process."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, tls=None):
         self.name = name
         ctx = mp.get_context("spawn")
         self.commands, self.replies, self.fetched = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=sender_main, args=(name, self.commands, self.replies, self.fetched),
+        self.process = ctx.Process(target=sender_main, args=(name, self.commands, self.replies, self.fetched, tls),
                                    daemon=True)
         self.process.start()
         self.pid, self.endpoint = self.replies.get(timeout=60)

@@ -9,19 +9,27 @@
 and the ack) is about twice as fast end to end on one host. A shm receiver can fetch from a tcp sender, not
 the other way round.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from workers.kv_transfer.base import KVTransferError, KVTransport
 from workers.kv_transfer.shm import ShmKVTransport
 from workers.kv_transfer.tcp import TcpKVTransport
+
+if TYPE_CHECKING:
+    from tandem.tls import TLSConfig
 
 _TRANSPORTS: dict[str, type[KVTransport]] = {TcpKVTransport.name: TcpKVTransport, ShmKVTransport.name: ShmKVTransport}
 KV_TRANSPORTS: tuple[str, ...] = tuple(_TRANSPORTS)
 
 
-def make_kv_transport(name: str) -> KVTransport:
-    """A new, not yet started transport of the kind `name` (one of KV_TRANSPORTS)."""
+def make_kv_transport(name: str, tls: TLSConfig | None = None) -> KVTransport:
+    """A new, not yet started transport of the kind `name` (one of KV_TRANSPORTS); with `tls` (TLSConfig.internal)
+    its tcp connections use mutual TLS."""
     if name not in _TRANSPORTS:
         raise ValueError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
-    return _TRANSPORTS[name]()
+    return _TRANSPORTS[name](tls=tls)
 
 
 __all__ = ["KVTransferError", "KVTransport", "KV_TRANSPORTS", "ShmKVTransport", "TcpKVTransport", "make_kv_transport"]

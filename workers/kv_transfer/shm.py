@@ -23,6 +23,7 @@ import mmap
 import os
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from workers.kv.handoff import KVPayload
 from workers.kv_transfer.base import KVTransferError, empty_host_bytes
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
 from workers.kv_transfer.wire import payload_header
+
+if TYPE_CHECKING:
+    from tandem.tls import TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,8 @@ _MAX_MAPPED_ARENAS = 16  # receiver side
 class ShmKVTransport(TcpKVTransport):
     name = "shm"
 
-    def __init__(self, arena_bytes: int = 1 << 30) -> None:
-        super().__init__()
+    def __init__(self, arena_bytes: int = 1 << 30, tls: TLSConfig | None = None) -> None:
+        super().__init__(tls)
         self.arena_bytes = arena_bytes
         # Sender side, all under self._lock.
         self._arena: np.ndarray | None = None  # [arena_bytes] uint8, the shared mapping

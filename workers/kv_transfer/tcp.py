@@ -1,5 +1,7 @@
 """KV transfer over TCP: the kv tensor's bytes go straight from the sender's tensor memory to the socket and from
 the socket into the receiver's new tensor; no pickling, no intermediate copies. See wire.py for the protocol.
+With a TLSConfig (tandem/tls.py) every connection is mutual TLS: the sender requires a client certificate signed by
+the cluster CA, the receiver verifies the sender's certificate against the endpoint's host (or its server_name).
 
 Threads, sender side: one accept thread, and one thread per open connection (each connection serves one fetch at a
 time, so concurrent fetches use separate connections). Receiver side: `fetch` runs on the caller's thread and keeps
@@ -10,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +28,9 @@ from workers.kv_transfer.wire import (
     PeerClosed, payload_from_header, payload_header, recv_exact, recv_exact_into, recv_frame, send_body,
     send_frame, token_bytes_len,
 )
+
+if TYPE_CHECKING:
+    from tandem.tls import TLSConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,11 @@ class TcpKVTransport(KVTransport):
     STALL_TIMEOUT_S = 30.0
     MAX_IDLE_CONNECTIONS = 4  # receiver side, per endpoint
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSConfig | None = None) -> None:
         super().__init__()
+        self.tls = tls
+        self._server_ssl = tls.server_ssl_context() if tls is not None else None
+        self._client_ssl = tls.client_ssl_context() if tls is not None else None
         self._lock = threading.Lock()
         self._staged: dict[str, Staged] = {}
         self._finished: OrderedDict[str, str] = OrderedDict()  # transfer_id -> "fetched" | "withdrawn"
@@ -148,6 +158,8 @@ class TcpKVTransport(KVTransport):
 
     def _serve_connection(self, conn: socket.socket) -> None:
         try:
+            if self._server_ssl is not None:
+                conn = self._handshake(conn)
             while True:
                 conn.settimeout(None)  # an idle pooled connection may wait for its next request indefinitely
                 request = recv_frame(conn)
@@ -163,6 +175,23 @@ class TcpKVTransport(KVTransport):
             with self._lock:
                 self._server_conns.discard(conn)
             conn.close()
+
+    def _handshake(self, conn: socket.socket) -> socket.socket:
+        """The TLS server side of a new connection (bounded by STALL_TIMEOUT_S); it replaces `conn` in the set
+        close() shuts down. A peer without a certificate the cluster CA signed fails here (ssl.SSLError)."""
+        conn.settimeout(self.STALL_TIMEOUT_S)
+        try:
+            tls_conn = self._server_ssl.wrap_socket(conn, server_side=True)  # detaches `conn`
+        except ssl.SSLError as e:
+            log.warning("kv %s: refused a connection that failed the TLS handshake: %s", self.name, e)
+            raise
+        with self._lock:
+            self._server_conns.discard(conn)
+            if self._closed:
+                tls_conn.close()
+                raise ConnectionError("the transport closed during the TLS handshake")
+            self._server_conns.add(tls_conn)
+        return tls_conn
 
     def _serve_fetch(self, conn: socket.socket, transfer_id: str) -> None:
         with self._lock:
@@ -261,7 +290,7 @@ class TcpKVTransport(KVTransport):
             except BaseException:
                 sock.close()
                 raise
-        sock = _connect(endpoint, deadline)
+        sock = _connect(endpoint, deadline, self._client_ssl, self.tls)
         try:
             send_frame(sock, request, deadline)
             return sock, recv_frame(sock, deadline)
@@ -345,7 +374,7 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _connect(endpoint: str, deadline: float) -> socket.socket:
+def _connect(endpoint: str, deadline: float, ssl_context=None, tls: TLSConfig | None = None) -> socket.socket:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"endpoint {endpoint!r} is not host:port")
@@ -354,11 +383,18 @@ def _connect(endpoint: str, deadline: float) -> socket.socket:
         raise TimeoutError("deadline passed")
     sock = socket.create_connection((host.strip("[]"), int(port)), timeout=remaining)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is not None:
+        try:  # the handshake runs under the socket's timeout: the fetch's remaining time
+            sock = ssl_context.wrap_socket(sock, server_hostname=tls.server_hostname(host))
+        except BaseException:
+            sock.close()
+            raise
     return sock
 
 
 def _shutdown(sock: socket.socket) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        # The plain socket's shutdown, also for a TLS socket: its own would drop the TLS state under a reader.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass  # not connected (a listener on some systems) or already closed
