@@ -50,6 +50,8 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
+    p.add_argument("--chat-content-special-tokens", action="store_true",
+                   help="let chat message content write the template's control tokens (default: content is text)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "bounded by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -90,6 +92,7 @@ def _up(args) -> int:
     router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
                                         ("max_queued_requests", args.max_queued_requests)) if v is not None}
     router_options["http_port"] = args.http_port
+    router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 

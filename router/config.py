@@ -38,6 +38,9 @@ class RouterConfig:
     stats_poll_interval_s: float = 0.1
     # How long stop() lets in-flight requests finish when no grace is given.
     drain_timeout_s: float = 30.0
+    # Chat message content is text by default: control markers in it (`<|im_end|>`) become ordinary tokens.
+    # True restores the raw behaviour, where content can write the template's control tokens.
+    chat_content_special_tokens: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

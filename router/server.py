@@ -5,6 +5,7 @@ Routers keep no state that other routers need: any number can run against one re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Coroutine
@@ -70,6 +71,8 @@ class Router:
         config = self.config
         if self.model is None:
             self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
+        if self.model.content_special_tokens != config.chat_content_special_tokens:
+            self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry)
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.

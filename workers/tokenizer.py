@@ -1,6 +1,8 @@
 """Load a model's tokenizer from local files only: a GGUF's embedded vocabulary or a checkpoint folder's files."""
 from __future__ import annotations
 
+import re
+import secrets
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -32,8 +34,40 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template (callers check it has one)."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    # The template writes any BOS itself.
-    return tokenizer.encode(text, add_special_tokens=False)
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool = True, *,
+                continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+                content_special_tokens: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template (callers check it has one).
+
+    Options as vLLM's chat API names them: `add_generation_prompt` opens the assistant's turn;
+    `continue_final_message` leaves the last (assistant) message open so the model continues its text (no
+    end-of-turn after it; exclusive with add_generation_prompt); `chat_template_kwargs` are extra template
+    variables (e.g. enable_thinking). Message content is text: control markers in it (`<|im_end|>`) become
+    ordinary tokens, so a user cannot open a turn of another role. `content_special_tokens=True` restores the
+    raw behaviour (content tokenized like the template's own text). Raises ValueError naming the option.
+    """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message: cannot be combined with add_generation_prompt: true")
+    if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+        raise ValueError("continue_final_message: the last message must have role 'assistant'")
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = {"messages", "add_generation_prompt", "continue_final_message", "tokenize"} & kwargs.keys()
+    if reserved:
+        raise ValueError(f"chat_template_kwargs: {sorted(reserved)[0]!r} is a request option, not a template variable")
+    if content_special_tokens:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+        return tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
+    # Wrap each message's text in markers no client can forge (a fresh nonce), render, then tokenize the
+    # template's own text with special tokens and the content spans with special-token splitting on.
+    nonce = secrets.token_hex(8)
+    open_mark, close_mark = f"\ue000{nonce}\ue001", f"\ue001{nonce}\ue000"
+    wrapped = [{**m, "content": open_mark + m["content"] + close_mark} if isinstance(m.get("content"), str) else m
+               for m in messages]
+    text = tokenizer.apply_chat_template(wrapped, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, **kwargs)
+    ids: list[int] = []
+    for i, span in enumerate(re.split(f"{re.escape(open_mark)}|{re.escape(close_mark)}", text)):
+        if span:
+            ids += tokenizer.encode(span, add_special_tokens=False, split_special_tokens=i % 2 == 1)
+    return ids
