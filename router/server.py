@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
 from router.config import RouterConfig
-from router.convert import generate_input_from_proto, new_request_id, prompt_from_tokenize_request
+from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
 from router.http_server import OpenAIServer
 from router.model import ServedModel
@@ -168,9 +168,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         arrival = time.perf_counter()
         router = self.router
-        request_id = request.request_id or new_request_id()
+        request_id = new_request_id()
         router.num_active += 1
         try:
+            if request.request_id:  # echoed in metadata only once it is known to be safe there
+                request_id = check_request_id(request.request_id)
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
             inp = generate_input_from_proto(request, request_id, router.model)
