@@ -65,10 +65,6 @@ class SamplingParams:
     def _validate(self) -> None:
         if self.n != 1:
             raise ValueError(f"n: only n=1 is supported, got {self.n}")
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{name}: must be a finite number, got {value!r}")
         # `not (x >= lo)` rather than `x < lo` so that NaN is rejected too.
         if not self.temperature >= 0:
             raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
@@ -84,6 +80,10 @@ class SamplingParams:
             raise ValueError(f"presence_penalty: must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             raise ValueError(f"frequency_penalty: must be in [-2, 2], got {self.frequency_penalty}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name}: must be finite, got {value!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed: must be an int or None, got {self.seed!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):

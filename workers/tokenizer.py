@@ -1,8 +1,7 @@
 """Load a model's tokenizer from local files only: a GGUF's embedded vocabulary or a checkpoint folder's files."""
 from __future__ import annotations
 
-import re
-import secrets
+import inspect
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -51,23 +50,13 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_ge
     if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
         raise ValueError("continue_final_message: the last message must have role 'assistant'")
     kwargs = dict(chat_template_kwargs or {})
-    reserved = {"messages", "add_generation_prompt", "continue_final_message", "tokenize"} & kwargs.keys()
+    # Only template variables: apply_chat_template's own parameters (chat_template, tools, tokenize, ...) would
+    # let a client swap the template or change what comes back.
+    reserved = sorted(kwargs.keys() & (set(inspect.signature(tokenizer.apply_chat_template).parameters) | {"messages"}))
     if reserved:
-        raise ValueError(f"chat_template_kwargs: {sorted(reserved)[0]!r} is a request option, not a template variable")
-    if content_special_tokens:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, **kwargs)
-        return tokenizer.encode(text, add_special_tokens=False)  # the template writes any BOS itself
-    # Wrap each message's text in markers no client can forge (a fresh nonce), render, then tokenize the
-    # template's own text with special tokens and the content spans with special-token splitting on.
-    nonce = secrets.token_hex(8)
-    open_mark, close_mark = f"\ue000{nonce}\ue001", f"\ue001{nonce}\ue000"
-    wrapped = [{**m, "content": open_mark + m["content"] + close_mark} if isinstance(m.get("content"), str) else m
-               for m in messages]
-    text = tokenizer.apply_chat_template(wrapped, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, **kwargs)
-    ids: list[int] = []
-    for i, span in enumerate(re.split(f"{re.escape(open_mark)}|{re.escape(close_mark)}", text)):
-        if span:
-            ids += tokenizer.encode(span, add_special_tokens=False, split_special_tokens=i % 2 == 1)
-    return ids
+        raise ValueError(f"chat_template_kwargs: {reserved[0]!r} is not a template variable that may be set")
+    # transformers' sanitize_control_tokens encodes control tokens found in the messages (and template variables)
+    # as ordinary text; only those the template writes itself become control tokens. The template writes any BOS.
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message, sanitize_control_tokens=not content_special_tokens, **kwargs)
