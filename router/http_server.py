@@ -126,8 +126,8 @@ class OpenAIServer:
             return await _respond(builder, call, headers)
         except RouterError as e:
             return _router_error(e, operation, headers)
-        except web.HTTPRequestEntityTooLarge as e:
-            return _error(413, f"the request body is larger than {e.max_size} bytes", headers)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", headers)
         finally:
             router.num_active -= 1
 

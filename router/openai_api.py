@@ -39,7 +39,7 @@ HTTP_STATUS = {
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed", 413: "BadRequestError",
                429: "RateLimitError", 503: "ServiceUnavailableError", 504: "TimeoutError", 500: "InternalServerError"}
 # A message that starts with the field it is about: "messages[0].content[1].type: ...".
-_PARAM = re.compile(r"([A-Za-z_][\w.\[\]]*): ")
+_PARAM = re.compile(r"([A-Za-z_][\w.\[\]-]*): ")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 # Plain keyword arguments of SamplingParams, each read from the same-named request field.
