@@ -58,6 +58,7 @@ FIELDS = {
                             "continue_final_message", "chat_template_kwargs", "response_format", "tools", "tool_choice"},
 }
 _MESSAGE_FIELDS = frozenset({"role", "content"})
+_TEXT_PART_FIELDS = frozenset({"type", "text"})
 _STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 _INT32 = (-(1 << 31), (1 << 31) - 1)
 
@@ -272,6 +273,8 @@ def _content(content: object, field: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            _check_known(part, _TEXT_PART_FIELDS, f"{field}[{j}].")
         if kind != "text":
             raise bad_request(f"{field}[{j}].type: must be 'text' (the only part type served), got {kind!r}")
         if not isinstance(part.get("text"), str):

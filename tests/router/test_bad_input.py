@@ -227,6 +227,8 @@ FIELDS = [
      "messages[0].content[0].type"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {}}]}]},
+     "messages[0].content[0].cache_control"),
     (CHAT, {"messages": [{"role": "", "content": "Hi"}]}, "messages[0].role"),
     (CHAT, {"messages": [{"role": "tool", "content": "Hi"}, "x"]}, "messages[1]"),
     (CHAT, {"messages": []}, "messages"),
