@@ -11,6 +11,7 @@ import time
 from collections.abc import Coroutine
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
@@ -77,7 +78,7 @@ class Router:
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry)
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
+        _add_generation_servicer(GenerationServicer(self), server)
         worker_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -159,6 +160,38 @@ async def _abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, 
     if request_id:
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     await context.abort(code, message)
+
+
+def _add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """generation_pb2_grpc.add_GenerationServicer_to_server, except that bytes that do not parse as the request
+    message (corrupt, or nested past protobuf's depth limit) end the call with INVALID_ARGUMENT: grpc answers a
+    deserializer that raises with UNKNOWN, as if the router had failed."""
+    methods = {"Generate": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+               "ListModels": (grpc.unary_unary_rpc_method_handler, pb.ListModelsRequest, pb.ListModelsResponse),
+               "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest, pb.TokenizeResponse)}
+    handlers = {name: make(_refusing_malformed(getattr(servicer, name), request_type),
+                           request_deserializer=_parse_or_error(request_type),
+                           response_serializer=response_type.SerializeToString)
+                for name, (make, request_type, response_type) in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+
+
+def _parse_or_error(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return e
+    return parse
+
+
+def _refusing_malformed(method, request_type):
+    async def handle(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, DecodeError):
+            await _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request: not a valid {request_type.DESCRIPTOR.full_name}: {request}", new_request_id())
+        return await method(request, context)
+    return handle
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):

@@ -380,8 +380,40 @@ def unknown_field(number: int) -> bytes:
 
 
 def _length_delimited(number: int, payload: bytes) -> bytes:
-    assert number < 16 and len(payload) < 128
-    return bytes([number << 3 | 2, len(payload)]) + payload
+    assert number < 16
+    return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def deep_chat_template_kwargs(depth: int) -> bytes:
+    """A GenerateRequest whose chat_template_kwargs nest lists `depth` deep (built as bytes: the protobuf
+    runtime will not build one past its own depth limit)."""
+    value = b"\x1a\x01x"  # Value.string_value = "x"
+    for _ in range(depth):
+        value = _length_delimited(6, _length_delimited(1, value))  # Value.list_value.values[0]
+    struct = _length_delimited(1, _length_delimited(1, b"k") + _length_delimited(2, value))  # Struct.fields["k"]
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="Hi")]).SerializeToString()
+    return _length_delimited(5, chat + _length_delimited(4, struct))
+
+
+@pytest.mark.parametrize("method, payload", [
+    ("Generate", b"\xff\xff\xff"),
+    ("Generate", grpc_text().SerializeToString()[:-3]),
+    ("Generate", deep_chat_template_kwargs(150)),
+    ("Tokenize", b"\x12\x05Hi"),
+    ("ListModels", b"\x0a"),
+])
+def test_grpc_bytes_that_are_not_the_request_message_are_invalid_argument(env, method, payload):
+    err = raw_call(env, method, payload)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details().startswith("request: not a valid")
+    assert dict(err.trailing_metadata())["request-id"].startswith("req-")
 
 
 @pytest.mark.parametrize("payload, field", [
