@@ -24,6 +24,9 @@ from workers.wire import sampling_params_from_proto
 # without spaces, bounded.
 MAX_REQUEST_ID_LEN = 256
 _REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+# The longest X-Request-Timeout, in seconds (~3 years): grpc turns a timeout of ~1e10 s into one that has
+# already passed, for the router's worker calls as for any gRPC client.
+MAX_TIMEOUT_S = 1e8
 
 
 @dataclass(frozen=True, slots=True)

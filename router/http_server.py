@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 from aiohttp import web
 
-from router.convert import check_request_id
+from router.convert import MAX_TIMEOUT_S, check_request_id, new_request_id
 from router.errors import RouterError
 from router.openai_api import (CHAT, COMPLETION, OpenAIRequest, ResponseBuilder, error_body, new_response_id,
                                parse_request, router_error_body)
@@ -139,16 +139,17 @@ class OpenAIServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            message, headers = f"{request.method} {request.path}: {e.reason}", None
+            message, headers = f"{request.method} {request.path}: {e.reason}", {REQUEST_ID_HEADER: new_request_id()}
             if isinstance(e, web.HTTPMethodNotAllowed):
                 allowed = ", ".join(sorted(e.allowed_methods))
-                message, headers = f"{message} (allowed: {allowed})", {"Allow": allowed}
+                message, headers["Allow"] = f"{message} (allowed: {allowed})", allowed
             return _error(e.status, message, headers)
         except ConnectionResetError:  # the client went away
             raise
         except Exception as e:
-            log.exception("%s %s: unexpected error", request.method, request.path)
-            return _error(500, f"router: {type(e).__name__}: {e}")
+            request_id = new_request_id()
+            log.exception("%s %s (%s): unexpected error", request.method, request.path, request_id)
+            return _error(500, f"router: {type(e).__name__}: {e}", {REQUEST_ID_HEADER: request_id})
 
 
 async def _respond(builder: ResponseBuilder, call: Callable[..., GenerateCall], headers: dict) -> web.Response:
@@ -286,9 +287,9 @@ def _time_remaining(request: web.Request) -> Callable[[], float | None]:
         timeout_s = float(value)
     except ValueError:
         timeout_s = math.nan
-    if not 0 < timeout_s < math.inf:
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{TIMEOUT_HEADER}: must be a number of seconds > 0, got {value!r}")
+                          f"{TIMEOUT_HEADER}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
     deadline = time.monotonic() + timeout_s
     return lambda: deadline - time.monotonic()
 

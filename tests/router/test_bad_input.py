@@ -288,6 +288,27 @@ def test_a_bad_x_request_id_is_400_naming_the_header_and_not_echoed(env, request
     assert len(engine_requests(env)) == before
 
 
+@pytest.mark.parametrize("timeout", ["1e10", "inf", "nan", "-1", "0", "soon", ""])
+def test_a_timeout_header_out_of_range_is_400_naming_it(env, timeout):
+    assert_http_refused(env, COMPLETIONS, C, field="X-Request-Timeout", headers={"X-Request-Timeout": timeout})
+
+
+def test_the_farthest_timeout_is_served(env):
+    assert completion_ok(env, C, headers={"X-Request-Timeout": "1e8"})["choices"][0]["finish_reason"] == "length"
+
+
+def test_unknown_paths_and_methods_are_4xx_client_errors_with_a_request_id(env):
+    client = HTTPClient(env.router.http_address)
+    try:
+        for method, path, status in (("POST", "/v1/nothing", 404), ("GET", COMPLETIONS, 405),
+                                     ("POST", "/v1/models", 405)):
+            code, headers, body = client.json(method, path, C if method == "POST" else None)
+            assert code == status and body["error"]["type"] != "InternalServerError", body
+            assert headers["X-Request-Id"].startswith("req-")
+    finally:
+        client.close()
+
+
 def test_errors_carry_the_clients_request_id(env):
     _, headers, _ = post(env, COMPLETIONS, {**C, "top_p": 2}, headers={"X-Request-Id": "mine-42"})
     assert headers["X-Request-Id"] == "mine-42"
