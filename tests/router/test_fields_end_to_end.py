@@ -2,10 +2,11 @@
 both fronts, and continue_final_message continues the assistant's text."""
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from tandem.v1 import generation_pb2 as pb
-from tests.router.conftest import real_router_env
+from tests.router.conftest import real_router_env, wait_for
 from tests.router.helpers import Stream
 from tests.router.test_openai_http import HTTPClient
 from tests.servers import worker_servers
@@ -20,14 +21,15 @@ def env(aio, served_model):
     with worker_servers(("prefill", "decode")) as workers:
         env = real_router_env(aio, served_model, workers, max_local_prefill_length=4)
         env.http = HTTPClient(env.router.http_address, timeout_s=60)
+        env.worker_servers = workers
         yield env
         env.http.close()
         env.close()
 
 
 def greedy(env, **sampling) -> list[int]:
-    request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(temperature=0, max_tokens=3,
-                                                                         ignore_eos=True, **sampling))
+    options = {"temperature": 0, "max_tokens": 3, "ignore_eos": True, **sampling}
+    request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(**options))
     return Stream(env.generate(request, timeout=60)).token_ids
 
 
@@ -63,3 +65,17 @@ def test_continue_final_message_continues_the_assistants_text(env):
     assert env.model.tokenizer.decode(prompt, skip_special_tokens=False).endswith("assistant\nSure: HEL")
     assert body["usage"]["prompt_tokens"] == len(prompt)
     assert choice["message"]["content"].startswith("LO")
+
+
+def test_refused_requests_leave_the_workers_idle_and_the_router_serving(env):
+    for body in ({"prompt": PROMPT, "seed": 1 << 63}, {"prompt": PROMPT, "temperature": float("inf")},
+                 {"prompt": PROMPT, "logit_bias": {"49152": 1}}, {"prompt": PROMPT, "suffix": "x"}):
+        status, _, error = env.http.json("POST", "/v1/completions", body)
+        assert status == 400, error
+    with pytest.raises(grpc.RpcError) as info:
+        greedy(env, temperature=float("inf"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(greedy(env)) == 3
+    wait_for(lambda: all(w.stats().num_running == 0 and w.stats().num_waiting == 0 for w in env.worker_servers),
+             timeout_s=10, what="idle workers")
+    assert all(w.stats().num_kv_held == 0 and w.stats().num_used_blocks == 0 for w in env.worker_servers)
