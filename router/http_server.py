@@ -258,11 +258,14 @@ async def _read_json(request: web.Request) -> object:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers of more than 4300 digits
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # Python's parser recurses per level
-        body = None
-    if body is None and raw.strip() != b"null" or _depth(body) > MAX_JSON_DEPTH:
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+        raise _too_deep() from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise _too_deep()
     return body
+
+
+def _too_deep() -> RouterError:
+    return RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 def _depth(value: object) -> int:

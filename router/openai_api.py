@@ -201,7 +201,7 @@ def _check_chat_only_defaults(body: dict) -> None:
         raise bad_request("tools: tool calling is not supported; leave tools unset")
     tool_choice = body.get("tool_choice")
     if tool_choice is not None and tool_choice not in ("none", "auto"):
-        raise bad_request(f"tool_choice: only 'none' is supported (no tools), got {tool_choice!r}")
+        raise bad_request(f"tool_choice: only 'none' or 'auto' is supported (no tools), got {tool_choice!r}")
 
 
 def _logit_bias(body: dict, model: ServedModel) -> dict[int, float] | None:
@@ -273,10 +273,9 @@ def _content(content: object, field: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            _check_known(part, _TEXT_PART_FIELDS, f"{field}[{j}].")
         if kind != "text":
             raise bad_request(f"{field}[{j}].type: must be 'text' (the only part type served), got {kind!r}")
+        _check_known(part, _TEXT_PART_FIELDS, f"{field}[{j}].")
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{field}[{j}].text: must be a string")
         texts.append(part["text"])
