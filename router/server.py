@@ -159,7 +159,19 @@ async def _abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, 
                       request_id: str | None = None) -> None:
     if request_id:
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-    await context.abort(code, message)
+    await context.abort(code, _clip(message))
+
+
+# The status message travels percent-encoded in a trailer, and trailers past grpc's metadata limit (8 KiB) turn
+# the call into RESOURCE_EXHAUSTED: a message that echoes a long client value is cut to this many UTF-8 bytes.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def _clip(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return data[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
 
 
 def _add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:

@@ -382,6 +382,16 @@ def test_grpc_a_bad_request_id_is_invalid_argument_naming_it(env, request_id):
     assert dict(err.trailing_metadata())["request-id"].startswith("req-")  # a fresh id, not the client's
 
 
+@pytest.mark.parametrize("model", ["x" * 10_000, "\u00e9" * 20_000, "\U0001f600" * 50_000])
+def test_grpc_a_long_model_name_is_not_found_with_its_message_cut(env, model):
+    request = grpc_text()
+    request.model = model
+    with pytest.raises(grpc.RpcError) as info:
+        env.generate(request)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and info.value.details().startswith("model: ")
+    assert len(info.value.details().encode()) < 1100
+
+
 def raw_call(env, method: str, payload: bytes) -> grpc.RpcError:
     call = env.channel.unary_stream(f"/tandem.v1.Generation/{method}") if method == "Generate" else \
         env.channel.unary_unary(f"/tandem.v1.Generation/{method}")
