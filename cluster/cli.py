@@ -62,6 +62,8 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
                    help="workers' scheduling; default priority when a tenant has a priority, else fcfs")
     add_auth_arguments(p)
+    p.add_argument("--chat-content-special-tokens", action="store_true",
+                   help="let chat message content write the template's control tokens (default: content is text)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
                    "bounded by the KV cache)")
     p.add_argument("--max-num-seqs", type=int, default=None)
@@ -122,6 +124,7 @@ def _up(args) -> int:
     router_options["tenancy"] = tenancy
     router_options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
                           ssl_cert_reqs=args.ssl_cert_reqs)
+    router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 

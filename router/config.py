@@ -60,6 +60,9 @@ class RouterConfig:
     ssl_cert_reqs: int | None = None
     # Mutual TLS to the registry and the workers (TLSConfig.internal); None: plaintext.
     internal_tls: TLSConfig | None = None
+    # Chat message content is text by default: control markers in it (`<|im_end|>`) become ordinary tokens.
+    # True restores the raw behaviour, where content can write the template's control tokens.
+    chat_content_special_tokens: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -4,17 +4,29 @@ Every failure is a RouterError whose message names the field, as the Generation 
 """
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from router.errors import RouterError
 from router.model import ServedModel
 from tandem.v1 import generation_pb2 as pb
 from workers.sampling_params import SamplingParams
 from workers.wire import sampling_params_from_proto
+
+# A client's request id is echoed in gRPC metadata, HTTP headers and the workers' request ids: printable ASCII
+# without spaces, bounded.
+MAX_REQUEST_ID_LEN = 256
+_REQUEST_ID = re.compile(r"[\x21-\x7e]+")
+# The longest X-Request-Timeout, in seconds (~3 years): grpc turns a timeout of ~1e10 s into one that has
+# already passed, for the router's worker calls as for any gRPC client.
+MAX_TIMEOUT_S = 1e8
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,17 +41,50 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """`request_id` when it is safe to echo; INVALID_ARGUMENT naming `field` otherwise."""
+    if len(request_id) > MAX_REQUEST_ID_LEN:
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{field}: must be at most {MAX_REQUEST_ID_LEN} characters, got {len(request_id)}")
+    if not _REQUEST_ID.fullmatch(request_id):
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{field}: must be printable ASCII without spaces (0x21-0x7e)")
+    return request_id
+
+
 def check_model(requested: str, model: ServedModel) -> None:
     if requested and requested != model.name:
         raise RouterError(grpc.StatusCode.NOT_FOUND, f"model: {requested!r} is not served here; this router serves {model.name!r}")
 
 
+def check_known_fields(msg: Message, path: str = "") -> None:
+    """INVALID_ARGUMENT naming any field this router does not know (a newer client's), in `msg` or the messages
+    it holds; protobuf would otherwise drop it silently."""
+    unknown = [f.field_number for f in UnknownFieldSet(msg)]
+    if unknown:
+        where = path or msg.DESCRIPTOR.full_name
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{where}: field number {unknown[0]} is unknown to this router "
+                          f"({msg.DESCRIPTOR.full_name}); upgrade the router or leave the field unset")
+    for desc, value in msg.ListFields():
+        if desc.message_type is None or desc.message_type.GetOptions().map_entry:
+            continue
+        name = f"{path}.{desc.name}" if path else desc.name
+        if desc.is_repeated:
+            for i, item in enumerate(value):
+                check_known_fields(item, f"{name}[{i}]")
+        elif desc.message_type.full_name != "google.protobuf.Struct":
+            check_known_fields(value, name)
+
+
 def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: ServedModel) -> GenerateInput:
+    check_known_fields(msg)
     check_model(msg.model, model)
     try:
         params = sampling_params_from_proto(msg.sampling)
     except ValueError as e:
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}") from None
+    check_logit_bias(params, model, "sampling.logit_bias")
     kind = msg.WhichOneof("input")
     if kind == "token_ids":
         prompt = list(msg.token_ids.ids)
@@ -56,7 +101,15 @@ def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: S
     return GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=msg.priority)
 
 
+def check_logit_bias(params: SamplingParams, model: ServedModel, field: str) -> None:
+    bad = next((t for t in params.logit_bias if t >= model.vocab_size), None)
+    if bad is not None:
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{field}: token id {bad} is out of the vocabulary (must be < {model.vocab_size})")
+
+
 def prompt_from_tokenize_request(msg: pb.TokenizeRequest, model: ServedModel) -> list[int]:
+    check_known_fields(msg)
     check_model(msg.model, model)
     return _encode(msg.WhichOneof("input"), msg, model)
 
@@ -66,20 +119,32 @@ def _encode(kind: str | None, msg: pb.GenerateRequest | pb.TokenizeRequest, mode
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "input: must be set (text, token_ids or chat)")
     if kind == "text":
         return encode_prompt(lambda: model.encode_text(msg.text))
-    messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+    chat = msg.chat
+    messages = [{"role": m.role, "content": m.content} for m in chat.messages]
     for i, m in enumerate(messages):
         if not m["role"]:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"input: chat.messages[{i}].role must be set")
-    return encode_prompt(lambda: model.encode_chat(messages))
+    add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+    kwargs = json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else None
+    return encode_prompt(lambda: model.encode_chat(messages, add_generation_prompt, chat.continue_final_message,
+                                                    kwargs), option_prefix="chat.")
 
 
-def encode_prompt(encode: Callable[[], list[int]], field: str = "input") -> list[int]:
+def encode_prompt(encode: Callable[[], list[int]], field: str = "input", option_prefix: str = "") -> list[int]:
     """Run a tokenizer call (ServedModel.encode_text or encode_chat); a failure is INVALID_ARGUMENT naming
-    `field`, the field of the client's API that held the prompt."""
+    `field`, the field of the client's API that held the prompt, or the chat option at fault (its name after
+    `option_prefix`: "chat." on gRPC, where the options live in ChatMessages)."""
     try:
         return encode()
     except ValueError as e:
-        # ServedModel's messages name the gRPC field ("input: ..."); name the caller's.
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {str(e).removeprefix('input: ')}") from None
+        message = str(e)
+        if message.startswith(_CHAT_OPTIONS):
+            message = option_prefix + message
+        else:  # ServedModel's messages name the gRPC field ("input: ..."); name the caller's
+            message = f"{field}: {message.removeprefix('input: ')}"
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
     except Exception as e:  # a chat template may raise anything (jinja's TemplateError for an unsupported role)
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: the chat template failed: {e}") from None
+
+
+_CHAT_OPTIONS = ("continue_final_message:", "chat_template_kwargs:", "add_generation_prompt:")

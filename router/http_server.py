@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 
 from router.auth import TENANT, http_middleware
+from router.convert import MAX_TIMEOUT_S, check_request_id, new_request_id
 from router.errors import RouterError
 from router.openai_api import (CHAT, COMPLETION, OpenAIRequest, ResponseBuilder, error_body, new_response_id,
                                parse_request, router_error_body)
@@ -38,6 +39,11 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 # Handlers still running when the HTTP server stops (the router has drained already) get this long.
 SHUTDOWN_TIMEOUT_S = 0.5
 _END = object()  # the GenerateCall returned
+# Request bodies past this are refused with 413 (aiohttp's default is 1 MiB; a 128k-token prompt as token ids
+# takes about 1 MB of JSON).
+MAX_BODY_BYTES = 16 << 20
+# Deeper JSON is refused with 400: no field served nests past a few levels, and Python's parser recurses.
+MAX_JSON_DEPTH = 32
 
 
 class OpenAIServer:
@@ -47,7 +53,7 @@ class OpenAIServer:
         self.router = router
         self.created = int(time.time())
         auth = http_middleware(router.keys, lambda e: _router_error(e, COMPLETION, {}))
-        app = web.Application(middlewares=[self._errors, auth])
+        app = web.Application(middlewares=[self._errors, auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -98,10 +104,13 @@ class OpenAIServer:
     async def _generate(self, request: web.Request, operation: str) -> web.StreamResponse:
         arrival = time.perf_counter()
         router = self.router
-        request_id = request.headers.get(REQUEST_ID_HEADER) or new_response_id(operation)
+        request_id = new_response_id(operation)
         headers = {REQUEST_ID_HEADER: request_id}
         router.num_active += 1
         try:
+            if request.headers.get(REQUEST_ID_HEADER):  # echoed only once it is known to be safe in a header
+                request_id = check_request_id(request.headers[REQUEST_ID_HEADER], REQUEST_ID_HEADER)
+                headers[REQUEST_ID_HEADER] = request_id
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
             time_remaining = _time_remaining(request)
@@ -120,6 +129,8 @@ class OpenAIServer:
             return await _respond(builder, call, headers)
         except RouterError as e:
             return _router_error(e, operation, headers)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", headers)
         finally:
             router.num_active -= 1
 
@@ -131,16 +142,17 @@ class OpenAIServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            message, headers = f"{request.method} {request.path}: {e.reason}", None
+            message, headers = f"{request.method} {request.path}: {e.reason}", {REQUEST_ID_HEADER: new_request_id()}
             if isinstance(e, web.HTTPMethodNotAllowed):
                 allowed = ", ".join(sorted(e.allowed_methods))
-                message, headers = f"{message} (allowed: {allowed})", {"Allow": allowed}
+                message, headers["Allow"] = f"{message} (allowed: {allowed})", allowed
             return _error(e.status, message, headers)
         except ConnectionResetError:  # the client went away
             raise
         except Exception as e:
-            log.exception("%s %s: unexpected error", request.method, request.path)
-            return _error(500, f"router: {type(e).__name__}: {e}")
+            request_id = new_request_id()
+            log.exception("%s %s (%s): unexpected error", request.method, request.path, request_id)
+            return _error(500, f"router: {type(e).__name__}: {e}", {REQUEST_ID_HEADER: request_id})
 
 
 async def _respond(builder: ResponseBuilder, call: Callable[..., GenerateCall], headers: dict) -> web.Response:
@@ -242,11 +254,35 @@ async def _event(response: web.StreamResponse, body: dict) -> None:
 
 
 async def _read_json(request: web.Request) -> object:
+    """The body as JSON; at most MAX_BODY_BYTES (aiohttp raises HTTPRequestEntityTooLarge past it)."""
     raw = await request.read()
     try:
-        return json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        body = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and integers of more than 4300 digits
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # Python's parser recurses per level
+        raise _too_deep() from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return body
+
+
+def _too_deep() -> RouterError:
+    return RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in a JSON value, iteratively (no recursion to overflow)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list) and depth > deepest:
+            deepest = depth
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
 
 
 def _time_remaining(request: web.Request) -> Callable[[], float | None]:
@@ -257,9 +293,9 @@ def _time_remaining(request: web.Request) -> Callable[[], float | None]:
         timeout_s = float(value)
     except ValueError:
         timeout_s = math.nan
-    if not 0 < timeout_s < math.inf:
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{TIMEOUT_HEADER}: must be a number of seconds > 0, got {value!r}")
+                          f"{TIMEOUT_HEADER}: must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
     deadline = time.monotonic() + timeout_s
     return lambda: deadline - time.monotonic()
 

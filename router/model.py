@@ -16,9 +16,12 @@ class ServedModel:
     # None for dummy models: only token-id prompts are accepted and no text is produced.
     tokenizer: object | None
     vocab_size: int
+    # Raw chat content: control markers in message content become control tokens (router config
+    # chat_content_special_tokens). Off by default: content is text.
+    content_special_tokens: bool = False
 
     @classmethod
-    def load(cls, model: str | None, load_format: str = "auto") -> "ServedModel":
+    def load(cls, model: str | None, load_format: str = "auto", content_special_tokens: bool = False) -> "ServedModel":
         """Resolve `model` as workers do and load its tokenizer (a few seconds for a GGUF)."""
         source = resolve_model(model, load_format)
         tokenizer = load_tokenizer(source)
@@ -28,7 +31,8 @@ class ServedModel:
             vocab_size = len(tokenizer)
         else:
             vocab_size = load_model_config(source).vocab_size
-        return cls(name=source.name, tokenizer=tokenizer, vocab_size=vocab_size)
+        return cls(name=source.name, tokenizer=tokenizer, vocab_size=vocab_size,
+                   content_special_tokens=content_special_tokens)
 
     @cached_property
     def decoder(self):
@@ -46,14 +50,18 @@ class ServedModel:
         """Raises ValueError naming `input` for a model without a tokenizer."""
         return self._require_tokenizer().encode(text, add_special_tokens=True)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render with the chat template (with the generation prompt), as workers.llm.LLM.apply_chat_template does."""
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> list[int]:
+        """Render with the chat template, as workers.llm.LLM.apply_chat_template does (workers.tokenizer.encode_chat
+        documents the options); ValueError naming the field otherwise."""
         tok = self._require_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"input: model {self.name!r} has no chat template; send text or token_ids")
         if not messages:
             raise ValueError("input: chat has no messages")
-        return encode_chat(tok, messages)
+        return encode_chat(tok, messages, add_generation_prompt, continue_final_message=continue_final_message,
+                           chat_template_kwargs=chat_template_kwargs,
+                           content_special_tokens=self.content_special_tokens)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

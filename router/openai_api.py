@@ -20,6 +20,7 @@ from router.model import ServedModel
 from router.token_bytes import TextOffsets, token_str
 from tandem.v1 import generation_pb2 as pb
 from workers.sampling_params import MAX_NUM_LOGPROBS, SamplingParams
+from workers.wire import check_fits_proto
 
 COMPLETION = "text_completion"
 CHAT = "chat"
@@ -39,16 +40,31 @@ HTTP_STATUS = {
 }
 # The error "type" per HTTP status, as vLLM's OpenAI server names them.
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               405: "MethodNotAllowed", 429: "RateLimitError", 503: "ServiceUnavailableError", 504: "TimeoutError",
-               500: "InternalServerError"}
+               405: "MethodNotAllowed", 413: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError",
+               504: "TimeoutError", 500: "InternalServerError"}
 # A message that starts with the field it is about: "messages[0].content[1].type: ...".
-_PARAM = re.compile(r"([A-Za-z_][\w.\[\]]*): ")
+_PARAM = re.compile(r"([A-Za-z_][\w.\[\]-]*): ")
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 # Plain keyword arguments of SamplingParams, each read from the same-named request field.
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 _INT_FIELDS = ("n", "top_k", "seed", "min_tokens")
 _BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output")
+# Every field each endpoint understands; any other (not null) is a 400 naming it, never silently ignored.
+# Some are honoured only at their default value (echo: false, best_of: 1, suffix: "", response_format text,
+# no tools); other values are refused by name. `user` is refused: tandem keeps no per-user records.
+_COMMON_FIELDS = frozenset({
+    "model", "stream", "stream_options", "max_tokens", "logprobs", "stop", "stop_token_ids", "logit_bias", "priority",
+    *_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS})
+FIELDS = {
+    COMPLETION: _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
+    CHAT: _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
+                            "continue_final_message", "chat_template_kwargs", "response_format", "tools", "tool_choice"},
+}
+_MESSAGE_FIELDS = frozenset({"role", "content"})
+_TEXT_PART_FIELDS = frozenset({"type", "text"})
+_STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
+_INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +95,11 @@ def http_status(code: grpc.StatusCode) -> int:
 
 
 def error_body(status: int, message: str) -> dict:
-    """OpenAI's error object; a 400's `param` is the field its message starts with ("max_tokens: must be >= 1")."""
+    """OpenAI's error object; a 400's `param` is the field its message starts with ("max_tokens: must be >= 1").
+    Any 4xx is typed as a client error."""
     match = _PARAM.match(message) if status == 400 else None
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"),
+    default_type = "BadRequestError" if 400 <= status < 500 else "InternalServerError"
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, default_type),
                       "param": match[1] if match else None, "code": status}}
 
 
@@ -102,12 +120,19 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     chat completion's default max_tokens."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_json_type(body)}")
+    _check_known(body, FIELDS[operation], "")
     check_model(_get(body, "model", str, "a string") or "", model)
     if operation == CHAT:
+        _check_chat_only_defaults(body)
         prompt = _chat_prompt(body, model)
     else:
         if _get(body, "echo", bool, "a boolean"):
             raise bad_request("echo: true is not supported")
+        best_of = _get(body, "best_of", _is_int, "an integer")
+        if best_of is not None and best_of != 1:
+            raise bad_request(f"best_of: only 1 is supported (one sequence per request), got {best_of}")
+        if _get(body, "suffix", str, "a string"):
+            raise bad_request("suffix: is not supported (no fill-in-the-middle); leave it unset")
         prompt = _completion_prompt(body, model)
 
     kwargs: dict = {}
@@ -122,6 +147,7 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     if stop_token_ids is not None and not all(_is_int(t) for t in stop_token_ids):
         raise bad_request("stop_token_ids: must be a list of integers")
     kwargs["stop_token_ids"] = stop_token_ids
+    kwargs["logit_bias"] = _logit_bias(body, model)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
     max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer")
@@ -136,18 +162,65 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     num_logprobs = _logprobs(body, operation)
     try:
         params = SamplingParams(max_tokens=max_tokens, logprobs=num_logprobs, **kwargs)
+        check_fits_proto(params)
     except ValueError as e:
-        raise bad_request(str(e)) from None
+        message = str(e)
+        if message.startswith("max_tokens:") and "max_completion_tokens" in body:
+            message = "max_completion_tokens:" + message.removeprefix("max_tokens:")
+        raise bad_request(message) from None
 
     stream = bool(_get(body, "stream", bool, "a boolean"))
     stream_options = _get(body, "stream_options", dict, "an object") or {}
+    if stream_options and not stream:
+        raise bad_request("stream_options: only allowed when stream is true")
+    _check_known(stream_options, _STREAM_OPTIONS, "stream_options.")
     include_usage = bool(_get(stream_options, "include_usage", bool, "a boolean", "stream_options.include_usage"))
     continuous_usage = bool(_get(stream_options, "continuous_usage_stats", bool, "a boolean",
                                  "stream_options.continuous_usage_stats"))
     priority = _get(body, "priority", _is_int, "an integer") or 0
+    if not _INT32[0] <= priority <= _INT32[1]:
+        raise bad_request(f"priority: must be in [{_INT32[0]}, {_INT32[1]}], got {priority}")
     inp = GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=priority)
     return OpenAIRequest(operation=operation, inp=inp, stream=stream, include_usage=stream and include_usage,
                          continuous_usage=stream and include_usage and continuous_usage, num_logprobs=num_logprobs)
+
+
+def _check_known(obj: dict, known: frozenset, prefix: str) -> None:
+    """A 400 naming the first field outside `known` that holds a value (null means unset, as OpenAI's SDK
+    and vLLM treat it)."""
+    unknown = sorted(k for k, v in obj.items() if k not in known and v is not None)
+    if unknown:
+        raise bad_request(f"{prefix}{unknown[0]}: unknown field; it is not served here (supported: "
+                          f"{', '.join(sorted(known))})")
+
+
+def _check_chat_only_defaults(body: dict) -> None:
+    """Chat fields honoured at their default value only: anything else is refused by name."""
+    response_format = _get(body, "response_format", dict, "an object")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request(f"response_format: only {{\"type\": \"text\"}} is supported (no guided decoding), "
+                          f"got type {response_format.get('type')!r}")
+    tools = _get(body, "tools", list, "a list")
+    if tools:
+        raise bad_request("tools: tool calling is not supported; leave tools unset")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and tool_choice not in ("none", "auto"):
+        raise bad_request(f"tool_choice: only 'none' or 'auto' is supported (no tools), got {tool_choice!r}")
+
+
+def _logit_bias(body: dict, model: ServedModel) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}; ids must be in the vocabulary (SamplingParams bounds the biases)."""
+    bias = _get(body, "logit_bias", dict, "an object of token id to bias")
+    if bias is None:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or not int(key) < model.vocab_size:
+            raise bad_request(f"logit_bias: keys must be token ids in [0, {model.vocab_size}), got {key!r}")
+        if not _is_number(value):
+            raise bad_request(f"logit_bias[{key}]: must be a number in [-100, 100], got {_json_type(value)}")
+        out[int(key)] = value
+    return out
 
 
 def _completion_prompt(body: dict, model: ServedModel) -> list[int]:
@@ -181,11 +254,16 @@ def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}]: must be an object, got {_json_type(m)}")
+        _check_known(m, _MESSAGE_FIELDS, f"messages[{i}].")
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise bad_request(f"messages[{i}].role: must be a non-empty string")
         rendered.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
-    return _encode(lambda: model.encode_chat(rendered), "messages")
+    add_generation_prompt = _get(body, "add_generation_prompt", bool, "a boolean")
+    continue_final_message = bool(_get(body, "continue_final_message", bool, "a boolean"))
+    kwargs = _get(body, "chat_template_kwargs", dict, "an object")
+    return _encode(lambda: model.encode_chat(rendered, True if add_generation_prompt is None else add_generation_prompt,
+                                             continue_final_message, kwargs), "messages")
 
 
 def _content(content: object, field: str) -> str:
@@ -201,6 +279,7 @@ def _content(content: object, field: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
             raise bad_request(f"{field}[{j}].type: must be 'text' (the only part type served), got {kind!r}")
+        _check_known(part, _TEXT_PART_FIELDS, f"{field}[{j}].")
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{field}[{j}].text: must be a string")
         texts.append(part["text"])

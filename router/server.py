@@ -5,12 +5,14 @@ Routers keep no state that other routers need: any number can run against one re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Coroutine
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import OVERALL_HEALTH
 from grpc_health.v1.health import aio as health_aio
@@ -19,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from router.admission import Admission
 from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
-from router.convert import generate_input_from_proto, new_request_id, prompt_from_tokenize_request
+from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
 from router.http_server import OpenAIServer
 from router.limits import TenantLimits
@@ -78,12 +80,14 @@ class Router:
         config = self.config
         if self.model is None:
             self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
+        if self.model.content_special_tokens != config.chat_content_special_tokens:
+            self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
                                        limits=TenantLimits())
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[AuthInterceptor(self.keys)])
-        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
+        _add_generation_servicer(GenerationServicer(self), server)
         worker_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -167,7 +171,51 @@ async def _abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, 
         metadata += ((RETRY_AFTER_KEY, str(math.ceil(retry_after_s))),)
     if metadata:
         context.set_trailing_metadata(metadata)
-    await context.abort(code, message)
+    await context.abort(code, _clip(message))
+
+
+# The status message travels percent-encoded in a trailer, and trailers past grpc's metadata limit (8 KiB) turn
+# the call into RESOURCE_EXHAUSTED: a message that echoes a long client value is cut to this many UTF-8 bytes.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def _clip(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return data[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore") + " [...]"
+
+
+def _add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """generation_pb2_grpc.add_GenerationServicer_to_server, except that bytes that do not parse as the request
+    message (corrupt, or nested past protobuf's depth limit) end the call with INVALID_ARGUMENT: grpc answers a
+    deserializer that raises with UNKNOWN, as if the router had failed."""
+    methods = {"Generate": (grpc.unary_stream_rpc_method_handler, pb.GenerateRequest, pb.GenerateResponse),
+               "ListModels": (grpc.unary_unary_rpc_method_handler, pb.ListModelsRequest, pb.ListModelsResponse),
+               "Tokenize": (grpc.unary_unary_rpc_method_handler, pb.TokenizeRequest, pb.TokenizeResponse)}
+    handlers = {name: make(_refusing_malformed(getattr(servicer, name), request_type),
+                           request_deserializer=_parse_or_error(request_type),
+                           response_serializer=response_type.SerializeToString)
+                for name, (make, request_type, response_type) in methods.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+
+
+def _parse_or_error(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return e
+    return parse
+
+
+def _refusing_malformed(method, request_type):
+    async def handle(request, context: grpc.aio.ServicerContext):
+        if isinstance(request, DecodeError):
+            await _abort_with(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request: not a valid {request_type.DESCRIPTOR.full_name}: {request}", new_request_id())
+        return await method(request, context)
+    return handle
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -177,9 +225,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         arrival = time.perf_counter()
         router = self.router
-        request_id = request.request_id or new_request_id()
+        request_id = new_request_id()
         router.num_active += 1
         try:
+            if request.request_id:  # echoed in metadata only once it is known to be safe there
+                request_id = check_request_id(request.request_id)
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
             inp = generate_input_from_proto(request, request_id, router.model)

@@ -122,6 +122,10 @@ class LLMEngine:
             raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
             raise ValueError("prompt: must not be empty")
+        vocab_size = self.model_config.vocab_size
+        bad_bias = next((t for t in params.logit_bias if t >= vocab_size), None)
+        if bad_bias is not None:
+            raise ValueError(f"logit_bias: token id {bad_bias} is out of the vocabulary (must be < {vocab_size})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt: {len(prompt_ids)} tokens leave no room to generate within max_model_len={self.max_model_len}; "

@@ -53,20 +53,28 @@ class LLM:
         return self._run(results, order)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to one conversation (a list of {"role", "content"}) or many."""
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Apply the checkpoint's chat template to one conversation (a list of {"role", "content"}) or many.
+
+        The options are vLLM's (see workers.tokenizer.encode_chat); message content is text, as on the router.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.apply_chat_template(conv, add_generation_prompt) for conv in conversations]
+        prompts = [self.apply_chat_template(conv, add_generation_prompt, continue_final_message, chat_template_kwargs)
+                   for conv in conversations]
         return self.generate(prompts, params)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            continue_final_message: bool = False,
+                            chat_template_kwargs: dict | None = None) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise ValueError("messages: this model has no chat template; pass a prompt to generate() instead")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"messages[{i}]: must be a dict with 'role' and 'content'")
-        return encode_chat(tok, messages, add_generation_prompt)
+        return encode_chat(tok, messages, add_generation_prompt, continue_final_message=continue_final_message,
+                           chat_template_kwargs=chat_template_kwargs)
 
     def _run(self, results: dict[str, RequestOutput], order: list[str]) -> list[RequestOutput]:
         pending = set(order)

@@ -1,6 +1,6 @@
 """Vectorized sampling over one batch of logits: penalties, temperature, top-k/top-p/min-p, seeded draws.
 
-The order follows vLLM: raw logprobs → min_tokens ban → penalties → greedy argmax | temperature → top-k →
+The order follows vLLM: raw logprobs → logit_bias → min_tokens ban → penalties → greedy argmax | temperature → top-k →
 top-p → min-p → exponential race. A seeded row's token depends only on (seed, step, its own logits and
 params), so a request yields the same tokens in any batch, any row position, any process, and after being
 preempted and recomputed.
@@ -51,6 +51,8 @@ class SamplingBatch:
     output_token_ids: list[list[int]]
     # (row, token ids to ban) for rows still short of min_tokens.
     min_tokens_bans: list[tuple[int, tuple[int, ...]]]
+    # (row, token id, bias) for every logit_bias entry of every row.
+    logit_biases: list[tuple[int, int, float]]
 
     @property
     def num_rows(self) -> int:
@@ -92,6 +94,7 @@ class SamplingBatch:
                     bans.append((row, banned))
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        biases = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias.items()]
 
         def f32(xs):
             return torch.tensor(xs, dtype=torch.float32, device=device)
@@ -118,6 +121,7 @@ class SamplingBatch:
             prompt_token_ids=prompt_token_ids,
             output_token_ids=output_token_ids,
             min_tokens_bans=bans,
+            logit_biases=biases,
         )
 
 
@@ -154,6 +158,9 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
 
         logits = logits.to(torch.float32, copy=True)
+        if batch.logit_biases:
+            rows, cols, biases = zip(*batch.logit_biases)
+            logits[list(rows), list(cols)] += torch.tensor(biases, dtype=torch.float32, device=logits.device)
         if batch.min_tokens_bans:
             rows = [row for row, ids in batch.min_tokens_bans for _ in ids]
             cols = [t for _, ids in batch.min_tokens_bans for t in ids]

@@ -5,11 +5,16 @@ validates again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 # Below this temperature a request is sampled greedily (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_NUM_LOGPROBS = 20
+# OpenAI's bound on a logit_bias value.
+MAX_LOGIT_BIAS = 100.0
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # {token id: bias in [-100, 100]} added to the logits before penalties and temperature (OpenAI's and
+    # vLLM's logit_bias); +100 all but forces a token, -100 all but bans it. Normalized to a read-only mapping.
+    logit_bias: dict[int, float] | None = field(default=None, hash=False)
 
     def __post_init__(self):
         stop = self.stop
@@ -49,6 +57,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict | MappingProxyType):
+            raise ValueError(f"logit_bias: must be a dict of token id to bias, got {type(self.logit_bias).__name__}")
+        object.__setattr__(self, "logit_bias", MappingProxyType(dict(self.logit_bias or {})))
         self._validate()
 
     def _validate(self) -> None:
@@ -69,6 +80,10 @@ class SamplingParams:
             raise ValueError(f"presence_penalty: must be in [-2, 2], got {self.presence_penalty}")
         if not -2 <= self.frequency_penalty <= 2:
             raise ValueError(f"frequency_penalty: must be in [-2, 2], got {self.frequency_penalty}")
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"{name}: must be finite, got {value!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed: must be an int or None, got {self.seed!r}")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -84,6 +99,11 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids: must be ints >= 0, got {t!r}")
+        for t, bias in self.logit_bias.items():
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"logit_bias: token ids must be ints >= 0, got {t!r}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias[{t}]: must be a number in [-100, 100], got {bias!r}")
 
     @property
     def is_greedy(self) -> bool:

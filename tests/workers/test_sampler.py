@@ -228,3 +228,20 @@ def test_seeded_sampling_frequencies_match_distribution(sampler):
     params = [SamplingParams(seed=s) for s in range(num_rows)]
     out = sampler(logits_from_probs(probs, num_rows), make_batch(params))
     _assert_frequencies(out.token_ids, probs)
+
+
+def test_logit_bias_plus_100_forces_a_token_and_minus_100_bans_one(sampler):
+    torch.manual_seed(3)
+    logits = torch.randn(4, VOCAB) * 5  # [B, V]
+    top = logits.argmax(-1).tolist()
+    forced, params = 17, [SamplingParams(temperature=0.0, logit_bias={17: 100}),
+                          SamplingParams(temperature=0.0, logit_bias={top[1]: -100}),
+                          SamplingParams(temperature=1.0, seed=5, logit_bias={17: 100}),
+                          SamplingParams(temperature=0.0)]
+    out = sampler(logits, make_batch(params))
+    assert out.token_ids[0] == forced and out.token_ids[2] == forced
+    assert out.token_ids[1] != top[1] and out.token_ids[1] == logits[1].topk(2).indices[1].item()
+    assert out.token_ids[3] == top[3]  # a row without a bias is untouched by its neighbours'
+    # Logprobs stay those of the model (vLLM's default): the bias changes the choice, not the reported logprob.
+    out = sampler(logits[:1], make_batch([SamplingParams(temperature=0.0, logit_bias={17: 100}, logprobs=0)]))
+    assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[17].item(), abs=1e-5)

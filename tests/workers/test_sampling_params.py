@@ -21,6 +21,12 @@ def test_defaults_match_vllm():
         ({"n": 2}, "n: only n=1"),
         ({"temperature": -1.0}, "temperature: must be >= 0, got -1.0"),
         ({"temperature": float("nan")}, "temperature: must be >= 0"),
+        ({"temperature": float("inf")}, "temperature: must be finite, got inf"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty: must be finite"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias[5]: must be a number in [-100, 100]"),
+        ({"logit_bias": {5: float("nan")}}, "logit_bias[5]: must be a number in [-100, 100]"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias: token ids must be ints >= 0"),
+        ({"logit_bias": [(5, 1.0)]}, "logit_bias: must be a dict"),
         ({"top_p": 0.0}, "top_p: must be in (0, 1], got 0.0"),
         ({"top_p": 1.5}, "top_p: must be in (0, 1]"),
         ({"top_k": -2}, "top_k: must be -1, 0 (disabled) or >= 1, got -2"),
@@ -76,3 +82,14 @@ def test_replace_revalidates_and_keeps_normalization():
 def test_params_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams().temperature = 0.5
+
+
+def test_logit_bias_is_a_read_only_copy_and_leaves_params_hashable():
+    bias = {5: 1.5}
+    p = SamplingParams(logit_bias=bias)
+    bias[6] = 2.0
+    assert dict(p.logit_bias) == {5: 1.5}
+    with pytest.raises(TypeError):
+        p.logit_bias[7] = 1.0
+    assert hash(p) == hash(SamplingParams(logit_bias={9: 1.0}))  # hash ignores it; equality does not
+    assert p != SamplingParams() and dataclasses.replace(p, max_tokens=3).logit_bias == {5: 1.5}
