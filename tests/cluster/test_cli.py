@@ -3,88 +3,47 @@ talk to it."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
+
+from tests.cluster.tandem_up import TandemUp, free_port, tandem
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tandem(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def _start_up(port: int) -> tuple[subprocess.Popen, queue.Queue, list[str]]:
-    """`tandem up` in its own process group (as a shell job or a service is), serving; its output so far."""
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--port", str(port), "--http-port", "0",
-                             "--kv-cache-memory-bytes", str(128 << 20)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    log = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            if proc.poll() is not None:
-                pytest.fail("tandem up exited:\n" + "".join(log))
-            continue
-        log.append(line)
-        if "router listening on" in line:
-            return proc, lines, log
-    proc.kill()
-    pytest.fail("tandem up did not come up:\n" + "".join(log))
-
-
-def _rest(proc: subprocess.Popen, lines: queue.Queue, log: list[str]) -> str:
-    time.sleep(0.5)
-    while not lines.empty():
-        log.append(lines.get())
-    return "".join(log)
+def _up_args(port: int) -> list[str]:
+    return ["--port", str(port), "--http-port", "0", "--kv-cache-memory-bytes", str(128 << 20)]
 
 
 def test_tandem_up_generate_status_and_sigterm():
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
-    proc, lines, log = _start_up(port)
+    up = TandemUp(_up_args(port), new_session=True)
+    proc = up.proc
     try:
-        assert address in log[-1]
+        assert address in up.banner
 
         # The README's first example: a real answer (the chat template is applied), not an empty one.
-        out = _tandem("generate", "Write a haiku about GPUs.", "--address", address, "--max-tokens", "64")
+        out = tandem("generate", "Write a haiku about GPUs.", "--address", address, "--max-tokens", "64")
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip()
         assert "completion" in out.stderr and "TTFT" in out.stderr
 
-        status = _tandem("status", "--address", address)
+        status = tandem("status", "--address", address)
         assert status.returncode == 0, status.stderr
         assert "disaggregated" in status.stdout
         assert "prefill" in status.stdout and "decode" in status.stdout
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
-        out = _rest(proc, lines, log)
+        out = up.output()
         assert "tandem: stopped" in out, out
         assert "SIGTERM received" not in out, out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        up.kill()
 
-    bad = _tandem("generate", "hi", "--address", address, "--timeout", "5")
+    bad = tandem("generate", "hi", "--address", address, "--timeout", "5")
     assert bad.returncode == 1 and "UNAVAILABLE" in bad.stderr
 
 
@@ -97,8 +56,9 @@ def test_stop_signal_to_the_whole_process_group_drains_and_exits_0(sig):
     from tandem.v1 import generation_pb2 as pb
     from tandem.v1 import generation_pb2_grpc
 
-    port = _free_port()
-    proc, lines, log = _start_up(port)
+    port = free_port()
+    up = TandemUp(_up_args(port), new_session=True)
+    proc = up.proc
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stream = generation_pb2_grpc.GenerationStub(channel).Generate(
@@ -112,10 +72,8 @@ def test_stop_signal_to_the_whole_process_group_drains_and_exits_0(sig):
         assert rest[-1].HasField("complete"), rest[-1]
         assert rest[-1].complete.usage.completion_tokens == 48
         assert proc.wait(timeout=120) == 0
-        out = _rest(proc, lines, log)
+        out = up.output()
         assert "tandem: stopped" in out, out
         assert "SIGTERM received" not in out, out
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        up.kill()

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
 import signal
 import ssl
 import subprocess
-import sys
-import threading
-import time
 
 import grpc
 import pytest
@@ -20,51 +16,30 @@ import pytest
 from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
-from tests.cluster.test_cli import _free_port, _tandem
+from tests.cluster.tandem_up import TandemUp, free_port, tandem
 from tests.tls_certs import certs  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
 
-def start_tandem_up(args: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    log = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            if proc.poll() is not None:
-                pytest.fail("tandem up exited:\n" + "".join(log))
-            continue
-        log.append(line)
-        if "router listening on" in line:
-            return proc, line
-    proc.kill()
-    pytest.fail("tandem up did not come up:\n" + "".join(log))
-
-
 def test_tandem_up_with_mtls_outside_and_inside(certs):
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
-    proc, banner = start_tandem_up([
+    up = TandemUp([
         "--port", str(port), "--http-port", str(http_port), "--kv-transport", "tcp",
         "--max-local-prefill-length", "0", "--kv-cache-memory-bytes", str(128 << 20),
         "--ssl-certfile", certs.cert, "--ssl-keyfile", certs.key, "--ssl-ca-certs", certs.ca,
         "--internal-tls-certfile", certs.cert, "--internal-tls-keyfile", certs.key, "--internal-tls-ca-certs", certs.ca,
     ])
     try:
-        assert f"https://127.0.0.1:{http_port}/v1" in banner
+        assert f"https://127.0.0.1:{http_port}/v1" in up.banner
         client = ["--address", address, "--ca-certs", certs.ca]
-        out = _tandem("generate", "The capital of France is", "--max-tokens", "8", *client,
-                      "--certfile", certs.client_cert, "--keyfile", certs.client_key)
+        out = tandem("generate", "The capital of France is", "--max-tokens", "8", *client,
+                     "--certfile", certs.client_cert, "--keyfile", certs.client_key)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() and "completion 8 tokens" in out.stderr
 
-        refused = _tandem("generate", "hi", "--timeout", "10", *client)  # no client certificate
+        refused = tandem("generate", "hi", "--timeout", "10", *client)  # no client certificate
         assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
 
         context = ssl.create_default_context(cafile=certs.ca)
@@ -90,9 +65,9 @@ def test_tandem_up_with_mtls_outside_and_inside(certs):
         with tls.channel(worker_address, tls.TLSConfig.internal(certs.cert, certs.key, certs.ca)) as channel:
             assert worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=10).num_blocks > 0
     finally:
-        proc.send_signal(signal.SIGTERM)
+        up.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=90)
+            up.proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+            up.kill()
+    assert up.proc.returncode == 0, up.output()
