@@ -3,10 +3,11 @@
 The path of a request:
   disaggregated: Prefill on a prefill worker -> first token to the client -> Decode with the KV handle on a decode
                  worker -> the rest of the tokens.
-  local:         Decode without a KV handle (colocated mode, or a prompt whose uncached part is short): the
-                 decode worker prefills it itself.
+  local:         Decode without a KV handle (colocated mode, a prompt whose uncached part is short, or no prefill
+                 worker live): the decode worker prefills it itself.
 Failures that leave the client's stream intact:
-  - Prefill: the worker is unavailable -> the same prefill on another prefill worker (max_prefill_retries).
+  - Prefill: the worker is unavailable -> the same prefill on another prefill worker (max_prefill_retries); none
+    left -> the decode worker prefills it (local).
   - Decode: the KV could not be pulled ("kv:" FAILED_PRECONDITION) -> Decode again on the same worker without KV,
     with the first token as output_token_ids.
   - Decode: the worker went away mid-stream -> Decode on another decode worker with every token streamed so far
@@ -166,6 +167,9 @@ class GenerateCall:
         prompt_len = len(self.prompt)
         self.priority = self.tenant.request_priority(self.priority)
         local = config.mode == "colocated" or prompt_len < config.max_local_prefill_length
+        if not local and not pool.num_live("prefill") and pool.num_live(decode_pool):
+            # Every prefill worker is down or stalled: the decode worker prefills (slower, but served).
+            local = True
         pools = (decode_pool,) if local else ("prefill", decode_pool)
         for name in pools:
             if not pool.num_live(name):
@@ -198,9 +202,12 @@ class GenerateCall:
         if not local:
             decode_worker = None  # picked again when the first token is out: loads change during a prefill
             resp = await self._prefill()
-            kv = resp.kv if resp.HasField("kv") else None
-            if await self._emit(resp.token_ids, resp.logprobs, resp.finish_reason):
-                return
+            if resp is None:  # every prefill worker failed it: prefill on the decode worker instead
+                self._release("prefill", first_token=False)
+            else:
+                kv = resp.kv if resp.HasField("kv") else None
+                if await self._emit(resp.token_ids, resp.logprobs, resp.finish_reason):
+                    return
         await self._decode(decode_worker or pool.choose_decode(), kv)
 
     async def _match_prefix(self, worker: WorkerHandle) -> int:
@@ -212,7 +219,8 @@ class GenerateCall:
             return 0
         return resp.num_cached_tokens
 
-    async def _prefill(self) -> worker_pb2.PrefillResponse:
+    async def _prefill(self) -> worker_pb2.PrefillResponse | None:
+        """The prefill on a prefill worker, retried on others while they fail; None when none is left."""
         config, pool = self.s.config, self.s.pool
         tried: set[str] = set()
         while len(tried) <= config.max_prefill_retries:
@@ -259,11 +267,9 @@ class GenerateCall:
             self.prefill_ms += resp.prefill_ms
             self.num_cached_tokens = resp.num_cached_tokens
             return resp
-        raise RouterError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"prefill pool: no live worker left (failed on {len(tried)}: {', '.join(sorted(tried))})"
-            if tried else "prefill pool: no live worker",
-        )
+        log.warning("%s: no prefill worker left (failed on %s); prefilling on a decode worker", self.request_id,
+                    ", ".join(sorted(tried)) or "none")
+        return None
 
     async def _decode(self, worker: WorkerHandle | None, kv: worker_pb2.KVHandle | None) -> None:
         config, pool = self.s.config, self.s.pool

@@ -135,13 +135,25 @@ def test_prefill_unavailable_is_retried_on_another_worker(make_env, script):
     assert len(first.prefills) == len(second.prefills) == 1
 
 
-def test_no_prefill_worker_left_is_unavailable(make_env):
+def test_no_prefill_worker_left_prefills_on_the_decode_worker(make_env, script):
     env = make_env(prefill=2, decode=1, max_prefill_retries=5)
     for w in env.by_role("prefill"):
         w.prefill_error = (grpc.StatusCode.UNAVAILABLE, "gone")
+    [decode] = env.by_role("decode")
+    out = Stream(env.generate(text_request(max_tokens=5)))
+    assert out.token_ids == script[:5]
+    assert out.complete.finish_reason == pb.FINISH_REASON_LENGTH
+    assert [len(w.prefills) for w in env.by_role("prefill")] == [1, 1], "each prefill worker was tried once"
+    assert len(decode.decodes) == 1 and not decode.decodes[0].HasField("kv"), "the decode worker prefilled it"
+
+
+def test_no_worker_in_either_pool_is_unavailable(make_env):
+    env = make_env(prefill=1, decode=1)
+    env.by_role("prefill")[0].prefill_error = (grpc.StatusCode.UNAVAILABLE, "gone")
+    env.by_role("decode")[0].decode_error = (grpc.StatusCode.UNAVAILABLE, "gone")
     with pytest.raises(grpc.RpcError) as info:
         list(env.stub.Generate(text_request(), timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "prefill pool" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "decode pool" in info.value.details()
 
 
 def test_kv_pull_failure_falls_back_to_local_prefill(make_env, script):

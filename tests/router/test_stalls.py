@@ -79,6 +79,22 @@ def test_idle_stalled_worker_leaves_the_pool_until_it_answers(make_env, script):
     wait_for(lambda: pool.num_live("decode") == 2, what="the worker back in the pool")
 
 
+def test_the_only_prefill_worker_stalled_long_prompts_prefill_on_the_decode_worker(make_env, script):
+    env = make_env(prefill=1, decode=1, max_local_prefill_length=0)  # every prompt would be disaggregated
+    [prefill], [decode] = env.by_role("prefill"), env.by_role("decode")
+    pool = env.router.pool
+    _on_loop(env, prefill.stall)
+    wait_for(lambda: not pool.workers[prefill.worker_id].is_up, what="the stalled prefill worker marked down")
+    out = Stream(env.generate(text_request(max_tokens=5)))
+    assert out.token_ids == script[:5]
+    assert not prefill.prefills
+    assert len(decode.decodes) == 1 and not decode.decodes[0].HasField("kv"), "the decode worker prefilled it"
+    _on_loop(env, prefill.resume)
+    wait_for(lambda: pool.num_live("prefill") == 1, what="the prefill worker back in the pool")
+    assert Stream(env.generate(text_request(max_tokens=5))).token_ids == script[:5]
+    assert len(prefill.prefills) == 1, "disaggregated again"
+
+
 def test_stall_timeout_option_is_validated_and_set_by_the_cli():
     from router.__main__ import parse_config
     from router.config import RouterConfig
