@@ -15,6 +15,10 @@ Three checks per pool, each a RESOURCE_EXHAUSTED (HTTP 429) with a retry-after w
     against the decode pool from arrival, so that pool's wait already holds the prefill's.) An empty pool always
     admits (W = 0: nothing is ahead), so a pessimistic estimate is corrected by the next first token instead of
     refusing forever.
+  - finish time, for a request with a deadline: the wait above plus its expected output at the measured pace of
+    the pool that decodes it (the last of its pools): min(max_tokens, the mean output length measured) tokens at
+    the measured time per output token (EWMAs of the requests that finished there). A request that would still be
+    decoding at its deadline is refused at once: admitted, it would only take a seat from one that can finish.
 """
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ class _PoolQueue:
         self.interval_s: float | None = None  # EWMA of the time between first tokens while busy
         self.num_samples = 0
         self.last_event_at = 0.0  # the last release, or when the pool became busy
+        # Requests that finished decoding here: EWMAs of their seconds per output token and output lengths.
+        self.tpot_s: float | None = None
+        self.output_len: float | None = None
+        self.num_finished = 0
 
     def contenders(self, tenant: str, now: float) -> int:
         active = {t for t, n in self.by_tenant.items() if n > 0}
@@ -56,6 +64,13 @@ class _PoolQueue:
         if not self.total:
             return 0.0
         return (self.total + 1) * max(self.interval_s, now - self.last_event_at)
+
+    def decode_s(self, max_tokens: int | None) -> float | None:
+        """Expected seconds from the first token to the last; None: not measured yet."""
+        if self.num_finished < MIN_SAMPLES:
+            return None
+        num_tokens = self.output_len if max_tokens is None else min(max_tokens, self.output_len)
+        return max(num_tokens - 1, 0) * self.tpot_s
 
 
 class Admission:
@@ -78,7 +93,10 @@ class Admission:
         """Seconds a request admitted now would wait for its first token from `pool`; None: not measured yet."""
         return self._pools[pool].wait_s(self._clock())
 
-    def admit(self, pools: tuple[str, ...], tenant: str = "", time_remaining_s: float | None = None) -> None:
+    def admit(self, pools: tuple[str, ...], tenant: str = "", time_remaining_s: float | None = None,
+              max_tokens: int | None = None) -> None:
+        """Count a request against `pools` (the pool that decodes it last), or raise RESOURCE_EXHAUSTED with a
+        retry-after; `time_remaining_s` is its deadline, `max_tokens` its output bound (None: none)."""
         now = self._clock()
         wait_s = 0.0
         for pool in pools:
@@ -106,6 +124,15 @@ class Admission:
                 f"overloaded: the estimated queue time is {wait_s:.2f} s, longer than the request's "
                 f"{'deadline' if budget == time_remaining_s else 'max_queue_time_s'} ({budget:.2f} s); retry later",
                 retry_after_s=wait_s - budget)
+        decode_s = self._pools[pools[-1]].decode_s(max_tokens)
+        if time_remaining_s is not None and decode_s is not None and wait_s + decode_s > time_remaining_s:
+            q = self._pools[pools[-1]]
+            raise RouterError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"overloaded: at the measured pace (first token in {wait_s:.2f} s, then {q.tpot_s * 1e3:.0f} ms per "
+                f"token for ~{min(max_tokens or q.output_len, q.output_len):.0f} tokens) the request would end in "
+                f"{wait_s + decode_s:.2f} s, after its deadline ({time_remaining_s:.2f} s); retry later",
+                retry_after_s=wait_s + decode_s - time_remaining_s)
         for pool in pools:
             q = self._pools[pool]
             if q.total == 0:
@@ -126,3 +153,12 @@ class Admission:
             q.interval_s = interval if q.interval_s is None else (1 - EWMA_ALPHA) * q.interval_s + EWMA_ALPHA * interval
             q.num_samples += 1
             q.last_event_at = now
+
+    def record_finished(self, pool: str, num_output_tokens: int, tpot_s: float) -> None:
+        """A request finished decoding on `pool`: its output length and seconds per output token after the first
+        (the finish-time estimate's measurements)."""
+        q = self._pools[pool]
+        a = EWMA_ALPHA
+        q.tpot_s = tpot_s if q.tpot_s is None else (1 - a) * q.tpot_s + a * tpot_s
+        q.output_len = num_output_tokens if q.output_len is None else (1 - a) * q.output_len + a * num_output_tokens
+        q.num_finished += 1

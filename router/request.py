@@ -181,7 +181,7 @@ class GenerateCall:
                 f"input: the prompt has {prompt_len} tokens; it must be shorter than the model's context "
                 f"(max_model_len={self.max_model_len})",
             )
-        self.s.admission.admit(pools, self.tenant.name, self._timeout())
+        self.s.admission.admit(pools, self.tenant.name, self._timeout(), self.params.max_tokens)
         self._queued.update(pools)
         if self.metrics is not None:
             for name in pools:
@@ -491,6 +491,9 @@ class GenerateCall:
             error_type, error_message = "worker_error", "the worker reported an error while generating"
         ttft_s = self.first_token_at - self.arrival if self.first_token_at is not None else None
         num_output = len(self.output_ids)
+        if error_type is None and self.first_token_at is not None and num_output > 1:
+            self.s.admission.record_finished(self.s.pool.decode_pool, num_output,
+                                             (now - self.first_token_at) / (num_output - 1))
         if self.metrics is not None:
             self._record_metrics(error_type, finish, e2e_s, now, num_output)
         span = self.span
