@@ -23,7 +23,7 @@ from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
-from router.http_server import OpenAIServer
+from router.http_server import MAX_BODY_BYTES, OpenAIServer
 from router.limits import TenantLimits
 from router.model import ServedModel
 from router.pool import WorkerPool
@@ -43,6 +43,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Trailing metadata that names the request on a call ended by an error status (responses carry it otherwise).
 REQUEST_ID_KEY = "request-id"
+# Past this, grpc itself refuses a message (RESOURCE_EXHAUSTED) before it is read; up to it, requests larger than
+# MAX_BODY_BYTES (the HTTP front's bound too) are INVALID_ARGUMENT.
+GRPC_MAX_RECEIVE_BYTES = 4 * MAX_BODY_BYTES
 # Trailing metadata of a RESOURCE_EXHAUSTED that retrying could clear: whole seconds to wait, as HTTP's Retry-After.
 RETRY_AFTER_KEY = "retry-after"
 
@@ -86,7 +89,10 @@ class Router:
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
                                        limits=TenantLimits())
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=[AuthInterceptor(self.keys)])
+        # grpc refuses a message over its receive limit with RESOURCE_EXHAUSTED, which clients read as "queue full,
+        # retry": the limit is set above MAX_BODY_BYTES so that the parser below refuses those as INVALID_ARGUMENT.
+        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", GRPC_MAX_RECEIVE_BYTES)]
+        server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(self.keys)])
         _add_generation_servicer(GenerationServicer(self), server)
         worker_pb2_grpc.add_ClusterServicer_to_server(ClusterServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -202,6 +208,8 @@ def _add_generation_servicer(servicer: GenerationServicer, server: grpc.aio.Serv
 
 def _parse_or_error(message_type):
     def parse(data: bytes):
+        if len(data) > MAX_BODY_BYTES:
+            return DecodeError(f"the request is {len(data)} bytes; at most {MAX_BODY_BYTES} are accepted")
         try:
             return message_type.FromString(data)
         except DecodeError as e:
