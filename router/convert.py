@@ -34,7 +34,7 @@ class GenerateInput:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    priority: int
+    priority: int | None  # None: not sent (the tenant's priority applies)
 
 
 def new_request_id() -> str:
@@ -98,7 +98,8 @@ def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: S
         prompt = _encode(kind, msg, model)
     if not prompt:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "input: the prompt is empty")
-    return GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=msg.priority)
+    return GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params,
+                         priority=msg.priority if msg.HasField("priority") else None)
 
 
 def check_logit_bias(params: SamplingParams, model: ServedModel, field: str) -> None:

@@ -177,8 +177,8 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     include_usage = bool(_get(stream_options, "include_usage", bool, "a boolean", "stream_options.include_usage"))
     continuous_usage = bool(_get(stream_options, "continuous_usage_stats", bool, "a boolean",
                                  "stream_options.continuous_usage_stats"))
-    priority = _get(body, "priority", _is_int, "an integer") or 0
-    if not _INT32[0] <= priority <= _INT32[1]:
+    priority = _get(body, "priority", _is_int, "an integer")
+    if priority is not None and not _INT32[0] <= priority <= _INT32[1]:
         raise bad_request(f"priority: must be in [{_INT32[0]}, {_INT32[1]}], got {priority}")
     inp = GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=priority)
     return OpenAIRequest(operation=operation, inp=inp, stream=stream, include_usage=stream and include_usage,

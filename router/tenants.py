@@ -67,14 +67,12 @@ class Tenant:
         if self.priority is not None and (not isinstance(self.priority, int) or not -2**31 <= self.priority < 2**31):
             raise ValueError(f"tenants.{self.name}.priority: must be a 32-bit integer, got {self.priority!r}")
 
-    def request_priority(self, requested: int) -> int:
-        """The priority a request of this tenant runs with: its own when it sends one (non-zero: proto3 cannot tell
-        0 from unset), else the tenant's. PERMISSION_DENIED when it asks to go before its tenant's priority."""
-        if self.priority is None:
-            return requested
-        if requested == 0:
-            return self.priority
-        if requested < self.priority:
+    def request_priority(self, requested: int | None) -> int:
+        """The priority a request of this tenant runs with: its own when it sends one, else the tenant's (0 when
+        the tenant has none). PERMISSION_DENIED when it asks to go before its tenant's priority."""
+        if requested is None:
+            return 0 if self.priority is None else self.priority
+        if self.priority is not None and requested < self.priority:
             raise RouterError(grpc.StatusCode.PERMISSION_DENIED,
                               f"priority: tenant {self.name!r} may use priority >= {self.priority} "
                               f"(lower is served first), got {requested}")
