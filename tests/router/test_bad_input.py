@@ -447,6 +447,14 @@ def test_grpc_bytes_that_are_not_the_request_message_are_invalid_argument(env, m
     assert dict(err.trailing_metadata())["request-id"].startswith("req-")
 
 
+def test_grpc_a_request_over_16_mib_is_invalid_argument_not_resource_exhausted(env):
+    big = pb.GenerateRequest(text="hello " * (3 << 20), sampling=pb.SamplingParams(max_tokens=4))  # 18 MiB
+    err = raw_call(env, "Generate", big.SerializeToString())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "at most 16777216" in err.details()
+    assert dict(err.trailing_metadata())["request-id"].startswith("req-")
+
+
 @pytest.mark.parametrize("payload, field", [
     (grpc_text().SerializeToString() + unknown_field(99), "field number 99"),
     (grpc_text().SerializeToString() + _length_delimited(6, unknown_field(40)), "sampling: field number 40"),

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router import RouterConfig
 from router.admission import Admission
+from router.errors import RouterError
 from router.tenants import TenancyConfig, parse_tenants, tenancy_from_sources
 from tandem.v1 import generation_pb2 as pb
 from tests.router.conftest import real_router_env, wait_for
@@ -92,17 +93,22 @@ def test_a_tenant_may_not_ask_for_a_priority_before_its_own(env):
     urgent = pb.GenerateRequest(text="Hi", priority=1, sampling=pb.SamplingParams(max_tokens=3))
     e = rpc_error(lambda: list(env.stub.Generate(urgent, metadata=bearer(KEY_B), timeout=10)))
     assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "priority" in e.details()
+    # An explicit 0 is a priority like any other (before the tenant's 5), not "unset".
+    zero = pb.GenerateRequest(text="Hi", priority=0, sampling=pb.SamplingParams(max_tokens=3))
+    e = rpc_error(lambda: list(env.stub.Generate(zero, metadata=bearer(KEY_B), timeout=10)))
+    assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "got 0" in e.details()
     # Its own priority, or a later one, is fine; an unset priority becomes the tenant's.
-    for priority in (0, 5, 9):
+    for priority in (None, 5, 9):
         req = pb.GenerateRequest(text="Hi", priority=priority, sampling=pb.SamplingParams(max_tokens=2))
         assert Stream(list(env.stub.Generate(req, metadata=bearer(KEY_B), timeout=10))).complete
     prefills = [p.request.priority for w in env.by_role("prefill") for p in w.prefills]
     decodes = [d.request.priority for w in env.by_role("decode") for d in w.decodes]
     assert sorted(set(prefills + decodes)) == [5, 9]
     http = HTTPClient(env.router.http_address)
-    status, _, err = http.json("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "priority": 1},
-                               headers={"Authorization": f"Bearer {KEY_B}"})
-    assert status == 403 and err["error"]["type"] == "PermissionDeniedError"
+    for priority in (1, 0):
+        status, _, err = http.json("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "priority": priority},
+                                   headers={"Authorization": f"Bearer {KEY_B}"})
+        assert status == 403 and err["error"]["type"] == "PermissionDeniedError"
     http.close()
 
 
@@ -131,12 +137,13 @@ def test_unused_tokens_are_refunded(make_env, script):
     text = "tenants:\n  t:\n    api_keys: [sk-t]\n    tokens_per_minute: 100\n"
     env = make_env(tenancy=tenancy(text))
     prompt_len = len(env.model.tokenizer.encode("Hi"))
-    # Each reserves 70 of the 100 tokens a minute and uses prompt_len + 20 (the fake worker's script ends there):
+    # Each reserves 70 of the 100 tokens a minute and uses prompt_len + len(script) (the fake worker's script, 21
+    # tokens, ends there):
     # the second fits only because the first gave back what it did not generate; a third does not fit.
     req = text_request("Hi", max_tokens=70 - prompt_len)
     for _ in range(2):
         out = Stream(list(env.stub.Generate(req, metadata=bearer("sk-t"), timeout=10)))
-        assert len(out.token_ids) == len(script) == 20
+        assert len(out.token_ids) == len(script) == 21
     e = rpc_error(lambda: list(env.stub.Generate(req, metadata=bearer("sk-t"), timeout=10)))
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute=100" in e.details()
 
@@ -189,6 +196,26 @@ def test_queue_time_estimate_refuses_what_cannot_start_before_its_deadline():
     with pytest.raises(Exception) as info:
         bounded.admit(("decode",), "t")  # no deadline: max_queue_time_s bounds it
     assert "max_queue_time_s" in str(info.value)
+
+
+def test_finish_time_estimate_refuses_what_cannot_end_before_its_deadline():
+    now = [0.0]
+    admission = Admission(("prefill", "decode"), max_queued=100, clock=lambda: now[0])
+    for _ in range(4):  # four requests measured: 50 ms per token after the first, 40 tokens each
+        admission.record_finished("decode", 40, 0.05)
+    assert admission._pools["decode"].decode_s(None) == pytest.approx(39 * 0.05)
+    with pytest.raises(RouterError) as info:
+        admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=32)  # 31 * 50 ms > 1 s
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after its deadline" in info.value.message
+    assert info.value.retry_after_s == pytest.approx(31 * 0.05 - 1.0)
+    assert admission.num_queued("decode") == 0, "refused: counted nowhere"
+    admission.admit(("prefill", "decode"), "t", time_remaining_s=2.0, max_tokens=32)  # 1.55 s fits
+    admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=8)  # a short answer fits
+    admission.admit(("prefill", "decode"), "t", max_tokens=1000)  # no deadline: nothing to miss
+    # Without max_tokens the measured mean output (40 tokens) is what it is expected to write.
+    with pytest.raises(RouterError):
+        admission.admit(("prefill", "decode"), "t", time_remaining_s=1.5)
+    assert admission.num_queued("decode") == 3
 
 
 def test_keys_never_appear_in_logs_errors_or_config(make_env, caplog):
