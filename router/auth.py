@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
+from router.convert import new_request_id
 from router.errors import RouterError
 from router.tenants import KeyStore, Tenant
 
@@ -50,10 +51,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def _refusing(handler: grpc.RpcMethodHandler, error: RouterError) -> grpc.RpcMethodHandler:
     async def refuse(request_or_iterator, context):
+        # A fresh id: the request's own is not read (nor trusted) before the caller is known.
+        context.set_trailing_metadata((("request-id", new_request_id()),))
         await context.abort(error.code, error.message)
 
     async def refuse_stream(request_or_iterator, context):
-        await context.abort(error.code, error.message)
+        await refuse(request_or_iterator, context)
         yield  # an async generator, as streaming handlers are
 
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

@@ -52,7 +52,8 @@ class OpenAIServer:
     def __init__(self, router: Router):
         self.router = router
         self.created = int(time.time())
-        auth = http_middleware(router.keys, lambda e: _router_error(e, COMPLETION, {}))
+        auth = http_middleware(router.keys,
+                               lambda e: _router_error(e, COMPLETION, {REQUEST_ID_HEADER: new_request_id()}))
         app = web.Application(middlewares=[self._errors, auth], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)

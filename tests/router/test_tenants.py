@@ -60,6 +60,7 @@ def env(make_env):
 def test_grpc_needs_a_known_key_and_health_stays_open(env):
     e = rpc_error(lambda: env.generate(text_request(max_tokens=3)))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "authorization" in e.details()
+    assert dict(e.trailing_metadata())["request-id"].startswith("req-")
     e = rpc_error(lambda: list(env.stub.Generate(text_request(max_tokens=3), metadata=bearer("sk-nope"), timeout=10)))
     assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "unknown API key" in e.details()
     e = rpc_error(lambda: env.stub.ListModels(pb.ListModelsRequest(), timeout=10))
@@ -76,6 +77,7 @@ def test_http_needs_a_bearer_key_and_health_and_metrics_stay_open(env):
     body = {"prompt": "Hi", "max_tokens": 3}
     status, headers, err = http.json("POST", "/v1/completions", body)
     assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert headers["X-Request-Id"].startswith("req-")
     assert err["error"]["type"] == "AuthenticationError"
     status, headers, _ = http.json("POST", "/v1/completions", body, headers={"Authorization": "Bearer sk-nope"})
     assert status == 401
