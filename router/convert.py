@@ -29,6 +29,10 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]+")
 MAX_TIMEOUT_S = 1e8
 
 
+# OpenAI's message roles ("developer" is its newer name for "system"); the chat template renders them.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 @dataclass(frozen=True, slots=True)
 class GenerateInput:
     request_id: str
@@ -84,7 +88,7 @@ def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: S
         params = sampling_params_from_proto(msg.sampling)
     except ValueError as e:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{e}") from None
-    check_logit_bias(params, model, "sampling.logit_bias")
+    check_vocabulary(params, model, "sampling.")
     kind = msg.WhichOneof("input")
     if kind == "token_ids":
         prompt = list(msg.token_ids.ids)
@@ -102,11 +106,14 @@ def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: S
                          priority=msg.priority if msg.HasField("priority") else None)
 
 
-def check_logit_bias(params: SamplingParams, model: ServedModel, field: str) -> None:
-    bad = next((t for t in params.logit_bias if t >= model.vocab_size), None)
-    if bad is not None:
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{field}: token id {bad} is out of the vocabulary (must be < {model.vocab_size})")
+def check_vocabulary(params: SamplingParams, model: ServedModel, prefix: str = "") -> None:
+    """The token ids in `params` (logit_bias, stop_token_ids) are in the model's vocabulary; INVALID_ARGUMENT naming
+    the field (after `prefix`: "sampling." on gRPC) otherwise."""
+    for field, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+        bad = next((t for t in ids if not 0 <= t < model.vocab_size), None)
+        if bad is not None:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{prefix}{field}: token id {bad} is out of the vocabulary (must be < {model.vocab_size})")
 
 
 def prompt_from_tokenize_request(msg: pb.TokenizeRequest, model: ServedModel) -> list[int]:
@@ -123,15 +130,17 @@ def _encode(kind: str | None, msg: pb.GenerateRequest | pb.TokenizeRequest, mode
     chat = msg.chat
     messages = [{"role": m.role, "content": m.content} for m in chat.messages]
     for i, m in enumerate(messages):
-        if not m["role"]:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"input: chat.messages[{i}].role must be set")
+        if m["role"] not in CHAT_ROLES:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"chat.messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {m['role']!r}")
     add_generation_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
     kwargs = json_format.MessageToDict(chat.chat_template_kwargs) if chat.HasField("chat_template_kwargs") else None
     return encode_prompt(lambda: model.encode_chat(messages, add_generation_prompt, chat.continue_final_message,
-                                                    kwargs), option_prefix="chat.")
+                                                    kwargs), option_prefix="chat.", chat=True)
 
 
-def encode_prompt(encode: Callable[[], list[int]], field: str = "input", option_prefix: str = "") -> list[int]:
+def encode_prompt(encode: Callable[[], list[int]], field: str = "input", option_prefix: str = "",
+                  chat: bool = False) -> list[int]:
     """Run a tokenizer call (ServedModel.encode_text or encode_chat); a failure is INVALID_ARGUMENT naming
     `field`, the field of the client's API that held the prompt, or the chat option at fault (its name after
     `option_prefix`: "chat." on gRPC, where the options live in ChatMessages)."""
@@ -145,7 +154,8 @@ def encode_prompt(encode: Callable[[], list[int]], field: str = "input", option_
             message = f"{field}: {message.removeprefix('input: ')}"
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
     except Exception as e:  # a chat template may raise anything (jinja's TemplateError for an unsupported role)
-        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: the chat template failed: {e}") from None
+        what = "the chat template failed" if chat else "could not be tokenized"
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {what}: {e}") from None
 
 
 _CHAT_OPTIONS = ("continue_final_message:", "chat_template_kwargs:", "add_generation_prompt:")

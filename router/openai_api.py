@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from router.convert import GenerateInput, check_model, encode_prompt
+from router.convert import CHAT_ROLES, GenerateInput, check_model, check_vocabulary, encode_prompt
 from router.errors import RouterError
 from router.model import ServedModel
 from router.token_bytes import TextOffsets, token_str
@@ -168,6 +168,7 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
         if message.startswith("max_tokens:") and "max_completion_tokens" in body:
             message = "max_completion_tokens:" + message.removeprefix("max_tokens:")
         raise bad_request(message) from None
+    check_vocabulary(params, model)
 
     stream = bool(_get(body, "stream", bool, "a boolean"))
     stream_options = _get(body, "stream_options", dict, "an object") or {}
@@ -256,8 +257,10 @@ def _chat_prompt(body: dict, model: ServedModel) -> list[int]:
             raise bad_request(f"messages[{i}]: must be an object, got {_json_type(m)}")
         _check_known(m, _MESSAGE_FIELDS, f"messages[{i}].")
         role = m.get("role")
-        if not isinstance(role, str) or not role:
-            raise bad_request(f"messages[{i}].role: must be a non-empty string")
+        if role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role: must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if m.get("content") is None and role != "assistant":  # OpenAI's null content is an assistant's only
+            raise bad_request(f"messages[{i}].content: is required for role {role!r}")
         rendered.append({"role": role, "content": _content(m.get("content"), f"messages[{i}].content")})
     add_generation_prompt = _get(body, "add_generation_prompt", bool, "a boolean")
     continue_final_message = bool(_get(body, "continue_final_message", bool, "a boolean"))
@@ -287,7 +290,7 @@ def _content(content: object, field: str) -> str:
 
 
 def _encode(encode: Callable[[], list[int]], field: str) -> list[int]:
-    ids = encode_prompt(encode, field)
+    ids = encode_prompt(encode, field, chat=field == "messages")
     if not ids:
         raise bad_request(f"{field}: the prompt is empty")
     return ids

@@ -500,9 +500,38 @@ def test_logit_bias_reaches_the_workers_from_both_fronts(env):
 def test_numbers_at_the_edges_of_their_range_are_accepted(env):
     sampling = via_http(env, {**C, "top_k": (1 << 31) - 1, "priority": -(1 << 31), "temperature": 3.0e38,
                               "repetition_penalty": 1e-30, "top_p": 1e-30,
-                              "stop_token_ids": [(1 << 32) - 1]}).sampling
-    assert sampling.top_k == (1 << 31) - 1 and list(sampling.stop_token_ids) == [(1 << 32) - 1]
+                              "stop_token_ids": [env.model.vocab_size - 1]}).sampling
+    assert sampling.top_k == (1 << 31) - 1 and list(sampling.stop_token_ids) == [env.model.vocab_size - 1]
     assert sampling.temperature == pytest.approx(3.0e38, rel=1e-6) and sampling.top_p > 0
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused_on_both_fronts(env):
+    for ids in ([env.model.vocab_size], [(1 << 32) - 1], [-1]):
+        status, _, err = post(env, COMPLETIONS, {**C, "stop_token_ids": ids})
+        assert status == 400 and err["error"]["param"] == "stop_token_ids", err
+    assert_grpc_refused(env, grpc_text(stop_token_ids=[env.model.vocab_size]), "sampling.stop_token_ids")
+
+
+@pytest.mark.parametrize("role", ["wizard", "", "USER", None])
+def test_chat_roles_other_than_openais_are_refused_on_both_fronts(env, role):
+    status, _, err = post(env, CHAT, {"messages": [{"role": role, "content": "Hi"}], "max_tokens": 2})
+    assert status == 400 and err["error"]["param"] == "messages[0].role", err
+    if role is not None:
+        request = pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=role, content="Hi")]))
+        assert_grpc_refused(env, request, "chat.messages[0].role")
+
+
+def test_null_content_is_only_an_assistants(env):
+    status, _, err = post(env, CHAT, {"messages": [{"role": "user", "content": None}], "max_tokens": 2})
+    assert status == 400 and err["error"]["param"] == "messages[0].content", err
+    completion_ok(env, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+                                     {"role": "user", "content": "Hi again"}], "max_tokens": 2}, CHAT)
+
+
+def test_a_prompt_the_tokenizer_cannot_take_is_400_without_blaming_a_chat_template(env):
+    status, _, err = post(env, COMPLETIONS, {"prompt": "\ud800", "max_tokens": 2})
+    assert status == 400 and err["error"]["param"] == "prompt", err
+    assert "could not be tokenized" in err["error"]["message"] and "chat template" not in err["error"]["message"]
 
 
 def text_of(env, request) -> str:
