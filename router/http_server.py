@@ -42,6 +42,7 @@ _END = object()  # the GenerateCall returned
 # Request bodies past this are refused with 413 (aiohttp's default is 1 MiB; a 128k-token prompt as token ids
 # takes about 1 MB of JSON).
 MAX_BODY_BYTES = 16 << 20
+MAX_HEADER_BYTES = 64 << 10
 # Deeper JSON is refused with 400: no field served nests past a few levels, and Python's parser recurses.
 MAX_JSON_DEPTH = 32
 
@@ -60,8 +61,10 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", metrics_handler(router.telemetry))
+        # max_field_size: aiohttp answers a longer header line with a plain-text 400 before any handler runs;
+        # 64 KiB lets header values such as a 10k-character X-Request-Id reach the checks that name them.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S, max_field_size=MAX_HEADER_BYTES)
 
     async def start(self, host: str, port: int) -> str:
         await self._runner.setup()
