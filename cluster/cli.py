@@ -82,6 +82,14 @@ def _add_up(p: argparse.ArgumentParser) -> None:
 def _up(args) -> int:
     from cluster import session
 
+    try:  # checked before anything starts, in the supervisor too, so that its caller sees the error
+        tenancy = tenancy_from_args(args, os.environ)
+        tenancy.check_host(args.host)
+        internal_tls = tls.internal_from_args(args)
+        tls.front_from_args(args)  # used by the router
+    except ValueError as e:
+        print(f"tandem up: {e}", file=sys.stderr)
+        return 2
     if not session.is_child():
         return session.run_in_own_session(args.argv)
     session.stop_with_supervisor()
@@ -93,12 +101,6 @@ def _up(args) -> int:
                ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
                ("enable_chunked_prefill", args.enable_chunked_prefill))
     engine = {k: v for k, v in options if v is not None}
-    try:
-        tenancy = tenancy_from_args(args, os.environ)
-        tenancy.check_host(args.host)  # before Ray and the workers start
-    except ValueError as e:
-        print(f"tandem up: {e}", file=sys.stderr)
-        return 2
     policy = args.scheduling_policy or ("priority" if any(t.priority for t in tenancy.tenants) else None)
     if policy is not None:
         engine["scheduling_policy"] = policy
@@ -111,9 +113,8 @@ def _up(args) -> int:
             prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
             engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
             num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
-            torch_threads=args.torch_threads, internal_tls=tls.internal_from_args(args),
+            torch_threads=args.torch_threads, internal_tls=internal_tls,
         )
-        tls.front_from_args(args)  # checked here, used by the router
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
