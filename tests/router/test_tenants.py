@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from router import RouterConfig
-from router.admission import Admission
+from router.admission import FINISH_MARGIN, Admission
 from router.errors import RouterError
 from router.tenants import TenancyConfig, parse_tenants, tenancy_from_sources
 from tandem.v1 import generation_pb2 as pb
@@ -203,18 +203,19 @@ def test_queue_time_estimate_refuses_what_cannot_start_before_its_deadline():
 def test_finish_time_estimate_refuses_what_cannot_end_before_its_deadline():
     now = [0.0]
     admission = Admission(("prefill", "decode"), max_queued=100, clock=lambda: now[0])
-    for _ in range(4):  # four requests measured: 50 ms per token after the first, 40 tokens each
-        admission.record_finished("decode", 40, 0.05)
-    assert admission._pools["decode"].decode_s(None) == pytest.approx(39 * 0.05)
+    for _ in range(4):  # four requests measured: 40 ms per token after the first, 40 tokens each
+        admission.record_finished("decode", 40, 0.04)
+    pace = 0.04 * FINISH_MARGIN
+    assert admission._pools["decode"].decode_s(None) == pytest.approx(39 * pace)
     with pytest.raises(RouterError) as info:
         admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=32)  # 31 * 50 ms > 1 s
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after its deadline" in info.value.message
-    assert info.value.retry_after_s == pytest.approx(31 * 0.05 - 1.0)
+    assert info.value.retry_after_s == pytest.approx(31 * pace - 1.0)
     assert admission.num_queued("decode") == 0, "refused: counted nowhere"
     admission.admit(("prefill", "decode"), "t", time_remaining_s=2.0, max_tokens=32)  # 1.55 s fits
     admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=8)  # a short answer fits
     admission.admit(("prefill", "decode"), "t", max_tokens=1000)  # no deadline: nothing to miss
-    # Without max_tokens the measured mean output (40 tokens) is what it is expected to write.
+    # Without max_tokens the measured mean output (40 tokens) is what it is expected to write: 39 * 50 ms > 1.5 s.
     with pytest.raises(RouterError):
         admission.admit(("prefill", "decode"), "t", time_remaining_s=1.5)
     assert admission.num_queued("decode") == 3
