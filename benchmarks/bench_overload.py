@@ -25,6 +25,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_guidellm import report, start_tandem  # noqa: E402
 
+from router.admission import DEADLINE_REFUSAL  # noqa: E402
 from tandem.v1 import generation_pb2 as pb  # noqa: E402
 from tandem.v1 import generation_pb2_grpc  # noqa: E402
 
@@ -50,7 +51,10 @@ async def one(stub, i: int, max_tokens: int, deadline_s: float) -> dict:
                 n += len(resp.chunk.token_ids)
     except grpc.aio.AioRpcError as e:
         retry_after = dict(e.trailing_metadata() or ()).get("retry-after")
-        return {"code": e.code().name, "latency_s": time.perf_counter() - t0, "ttft_s": ttft,
+        code = e.code().name
+        if code == "DEADLINE_EXCEEDED" and (e.details() or "").startswith(DEADLINE_REFUSAL):
+            code = "DEADLINE_REFUSED"  # refused at once: it could not have finished in time even unqueued
+        return {"code": code, "latency_s": time.perf_counter() - t0, "ttft_s": ttft,
                 "retry_after_s": float(retry_after) if retry_after else None}
     e2e = time.perf_counter() - t0
     tpot = (e2e - ttft) / (n - 1) if n > 1 else None
@@ -93,14 +97,15 @@ def pct(values: list[float], q: float) -> float | None:
 
 def summarize(name: str, results: list[dict], args) -> dict:
     ok = [r for r in results if r["code"] == "OK"]
-    refused = [r for r in results if r["code"] == "RESOURCE_EXHAUSTED"]
+    refused = [r for r in results if r["code"] in ("RESOURCE_EXHAUSTED", "DEADLINE_REFUSED")]
     ttft = [r["ttft_s"] for r in ok]
     tpot = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
     in_slo = [r for r in ok if r["ttft_s"] <= args.slo_ttft_s and (r["tpot_s"] or 0) <= args.slo_tpot_s]
     return {
         "phase": name, "requests": len(results), "completed": len(ok), "refused": len(refused),
         "deadline_exceeded": sum(r["code"] == "DEADLINE_EXCEEDED" for r in results),
-        "other_errors": sum(r["code"] not in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED") for r in results),
+        "other_errors": sum(r["code"] not in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_REFUSED", "DEADLINE_EXCEEDED")
+                            for r in results),
         "refusal_p50_ms": _ms(pct([r["latency_s"] for r in refused], 0.5)),
         "refusal_p99_ms": _ms(pct([r["latency_s"] for r in refused], 0.99)),
         "ttft_p50_ms": _ms(pct(ttft, 0.5)), "ttft_p99_ms": _ms(pct(ttft, 0.99)),

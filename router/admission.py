@@ -20,6 +20,8 @@ Three checks per pool, each a RESOURCE_EXHAUSTED (HTTP 429) with a retry-after w
     FINISH_MARGIN times the measured time per output token (EWMAs of the requests that finished there; the margin
     covers the spread between requests and the load the request itself adds). A request that would still be
     decoding at its deadline is refused at once: admitted, it would only take a seat from one that can finish.
+    RESOURCE_EXHAUSTED (retry later) when the wait makes it miss; DEADLINE_EXCEEDED when even its decoding alone
+    would outlast the deadline (no retry can help).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ MIN_SAMPLES = 4
 # The finish-time estimate's factor on the mean time per output token (measured on this repo's overload benchmark:
 # under a burst, admitted requests decoded up to ~20% slower than the mean of those before).
 FINISH_MARGIN = 1.25
+# How a request refused for a deadline it could never meet is told (DEADLINE_EXCEEDED, at admission).
+DEADLINE_REFUSAL = "refused at admission"
 
 
 class _PoolQueue:
@@ -129,6 +133,13 @@ class Admission:
                 f"{'deadline' if budget == time_remaining_s else 'max_queue_time_s'} ({budget:.2f} s); retry later",
                 retry_after_s=wait_s - budget)
         decode_s = self._pools[pools[-1]].decode_s(max_tokens)
+        if time_remaining_s is not None and decode_s is not None and decode_s > time_remaining_s:
+            # Not a matter of load: even unqueued it would end after its deadline, so no retry could help.
+            raise RouterError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"{DEADLINE_REFUSAL}: at the measured pace ({self._pools[pools[-1]].tpot_s * 1e3:.0f} ms per token, "
+                f"{FINISH_MARGIN:g}x margin) its output would take {decode_s:.2f} s, more than its deadline "
+                f"({time_remaining_s:.2f} s); ask for fewer tokens or allow more time")
         if time_remaining_s is not None and decode_s is not None and wait_s + decode_s > time_remaining_s:
             q = self._pools[pools[-1]]
             raise RouterError(

@@ -3,6 +3,7 @@ against fake workers (and one real worker for priority scheduling)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 
@@ -209,9 +210,22 @@ def test_finish_time_estimate_refuses_what_cannot_end_before_its_deadline():
     assert admission._pools["decode"].decode_s(None) == pytest.approx(39 * pace)
     with pytest.raises(RouterError) as info:
         admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=32)  # 31 * 50 ms > 1 s
-    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after its deadline" in info.value.message
-    assert info.value.retry_after_s == pytest.approx(31 * pace - 1.0)
+    # Even unqueued it could not finish: no retry helps.
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "more than its deadline" in info.value.message
+    assert info.value.retry_after_s is None
     assert admission.num_queued("decode") == 0, "refused: counted nowhere"
+    busy = Admission(("decode",), max_queued=100, clock=lambda: now[0])
+    busy._pools = {"decode": copy.deepcopy(admission._pools["decode"])}  # the same pace measured
+    for t in range(4):  # first tokens from the decode pool 1 s apart
+        now[0] = 10.0 + t
+        busy.admit(("decode",), "t")
+        now[0] = 11.0 + t
+        busy.release("decode", "t")
+    busy.admit(("decode",), "t")  # one queued: the next waits (1 + 1) * 1 s
+    with pytest.raises(RouterError) as info:  # 2 s of waiting + 1.55 s of decoding > 3 s: the load makes it miss
+        busy.admit(("decode",), "t", time_remaining_s=3.0, max_tokens=32)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "after its deadline" in info.value.message
+    assert info.value.retry_after_s == pytest.approx(2.0 + 31 * pace - 3.0)
     admission.admit(("prefill", "decode"), "t", time_remaining_s=2.0, max_tokens=32)  # 1.55 s fits
     admission.admit(("prefill", "decode"), "t", time_remaining_s=1.0, max_tokens=8)  # a short answer fits
     admission.admit(("prefill", "decode"), "t", max_tokens=1000)  # no deadline: nothing to miss
