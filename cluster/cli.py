@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import grpc
 from loadtest import cli as loadtest_cli
 from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem import tls
+from tandem.redis_store import EmbeddedRedis, StoreConfig
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import generation_pb2_grpc
 from tandem.v1 import worker_pb2 as wpb
@@ -54,6 +56,12 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
     p.add_argument("--kv-transport", default="auto",
                    help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
+    p.add_argument("--redis-url", default=None,
+                   help="redis:// or rediss:// URL of a Redis (or Valkey) for the global prefix index and caches; "
+                        "default: start an embedded valkey-server on a free loopback port")
+    p.add_argument("--routing-policy", choices=("cache_aware", "load"), default="cache_aware",
+                   help="cache_aware: least prefill work ahead of the first token, from the global prefix index; "
+                        "load: queued tokens and free blocks only (default %(default)s)")
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
@@ -87,6 +95,8 @@ def _up(args) -> int:
         tenancy.check_host(args.host)
         internal_tls = tls.internal_from_args(args)
         tls.front_from_args(args)  # used by the router
+        if args.redis_url is not None:
+            StoreConfig(args.redis_url)
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -113,7 +123,7 @@ def _up(args) -> int:
             prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
             engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
             num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
-            torch_threads=args.torch_threads, internal_tls=internal_tls,
+            torch_threads=args.torch_threads, internal_tls=internal_tls, redis_url=args.redis_url,
         )
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
@@ -126,6 +136,7 @@ def _up(args) -> int:
     router_options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
                           ssl_cert_reqs=args.ssl_cert_reqs)
     router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
+    router_options["routing_policy"] = args.routing_policy
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 
@@ -139,6 +150,12 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    embedded_redis = None
+    if config.redis_url is None:
+        embedded_redis = EmbeddedRedis()
+        config = dataclasses.replace(config, redis_url=await loop.run_in_executor(None, embedded_redis.start))
+        print(f"tandem: embedded Redis (valkey-server) at {config.redis_url}", flush=True)
+    router_options = {**router_options, "redis_url": config.redis_url}
     controller = Controller(config)
     router = None
     try:
@@ -160,6 +177,8 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
         if router is not None:
             await router.stop(grace_s=10)
         await loop.run_in_executor(None, controller.stop)
+        if embedded_redis is not None:
+            embedded_redis.stop()
     print("tandem: stopped", flush=True)
     return 0
 

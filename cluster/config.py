@@ -45,6 +45,8 @@ class ClusterConfig:
     worker_start_timeout_s: float = 600.0
     # Mutual TLS between the registry, routers and workers, KV transfer included (TLSConfig.internal); None: plaintext.
     internal_tls: TLSConfig | None = None
+    # The Redis every worker publishes KV events to (tandem up starts an embedded one when not given).
+    redis_url: str | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:

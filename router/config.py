@@ -4,11 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from tandem.redis_store.client import StoreConfig
 from tandem.tls import TLSConfig
 
 from router.tenants import TenancyConfig
 
 MODES = ("disaggregated", "colocated")
+# cache_aware: the worker with the least prefill work ahead of the first token, from the global prefix index;
+# load: queued tokens and free blocks only (no index).
+ROUTING_POLICIES = ("cache_aware", "load")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
@@ -63,10 +67,18 @@ class RouterConfig:
     # Chat message content is text by default: control markers in it (`<|im_end|>`) become ordinary tokens.
     # True restores the raw behaviour, where content can write the template's control tokens.
     chat_content_special_tokens: bool = False
+    # Redis beside the router (tandem/redis_store/): the global prefix index and the semantic cache. None: no
+    # Redis; cache_aware routing then has no index and routes by load.
+    redis_url: str | None = None
+    routing_policy: str = "cache_aware"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.routing_policy not in ROUTING_POLICIES:
+            raise ValueError(f"routing_policy: must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing_policy!r}")
+        if self.redis_url is not None:
+            StoreConfig(self.redis_url)  # checks the URL's scheme
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not self.host:

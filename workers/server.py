@@ -69,6 +69,8 @@ class WorkerConfig:
     metrics_port: int = 0
     # Mutual TLS on the Worker service and the KV transport (TLSConfig.internal); None: plaintext.
     internal_tls: TLSConfig | None = None
+    # Redis for KV events (the global prefix index) and the remote KV tier; None: neither.
+    redis_url: str | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
