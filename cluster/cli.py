@@ -153,7 +153,8 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
     embedded_redis = None
     if config.redis_url is None:
         embedded_redis = EmbeddedRedis()
-        config = dataclasses.replace(config, redis_url=await loop.run_in_executor(None, embedded_redis.start))
+        # On this thread: the server gets SIGTERM when the thread that started it dies (EmbeddedRedis).
+        config = dataclasses.replace(config, redis_url=embedded_redis.start())
         print(f"tandem: embedded Redis (valkey-server) at {config.redis_url}", flush=True)
     router_options = {**router_options, "redis_url": config.redis_url}
     controller = Controller(config)

