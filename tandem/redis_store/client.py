@@ -134,8 +134,12 @@ class RedisStore:
     values are bytes) for callers that handle RedisError themselves.
     """
 
-    def __init__(self, config: StoreConfig, on_state_change: Callable[[str], None] = lambda state: None):
+    def __init__(self, config: StoreConfig, on_state_change: Callable[[str], None] = lambda state: None,
+                 on_call: Callable[[float, bool], None] = lambda duration_s, ok: None):
+        """`on_state_change(state)` on every breaker transition; `on_call(duration_s, ok)` after every call that
+        reached Redis (for a latency histogram: the most a request waited on Redis)."""
         self.config = config
+        self.on_call = on_call
         self.breaker = CircuitBreaker(config.failure_threshold, config.reset_timeout_s, on_state_change)
         self.client = aioredis.Redis.from_url(
             config.url,
@@ -164,16 +168,19 @@ class RedisStore:
         if not self.breaker.allow():
             raise RedisUnavailable(f"redis at {self.config.redacted_url}: circuit open")
         self.num_calls += 1
+        start = time.monotonic()
         try:
             result = await asyncio.wait_for(fn(self.client), timeout_s or self.config.socket_timeout_s + 0.05)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.num_failures += 1
             self.breaker.record_failure()
+            self.on_call(time.monotonic() - start, False)
             raise RedisUnavailable(f"redis at {self.config.redacted_url}: {type(e).__name__}: {e}") from None
         except BaseException:
             self.breaker._probing = False
             raise
         self.breaker.record_success()
+        self.on_call(time.monotonic() - start, True)
         return result
 
     async def ping(self) -> bool:
