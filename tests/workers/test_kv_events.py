@@ -31,10 +31,8 @@ def leading_blocks(hashes: set[int], engine: LLMEngine, prompt: list[int]) -> in
 
 @pytest.fixture(scope="module")
 def small_llm():
-    with LLM(kv_cache_memory_bytes=1 << 20) as probe:
-        block_bytes = probe.engine.kv_bytes_per_block
-    # 24 blocks = 384 tokens: a few prompts of 100-200 tokens force evictions.
-    with LLM(kv_cache_memory_bytes=24 * block_bytes, enable_kv_cache_events=True) as llm:
+    # 25 blocks of the default model in float32 (400 tokens): a few prompts of 100-200 tokens force evictions.
+    with LLM(kv_cache_memory_bytes=18 << 20, enable_kv_cache_events=True) as llm:
         yield llm
 
 
@@ -62,7 +60,7 @@ def test_events_replay_to_the_cached_prefix_through_reuse_eviction_and_reset(sma
     assert index == cached_hashes(engine)
 
     # Unrelated long prompts evict the LRU blocks: the removals are announced.
-    for start in (6000, 7000):
+    for start in (6000, 7000, 8000, 9000):
         small_llm.generate([tokens(200, start=start)], GREEDY)
     events = engine.take_kv_events()
     removed = [h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes]
@@ -102,21 +100,26 @@ def test_an_undrained_log_stays_bounded_and_still_replays_to_the_cache():
     assert replay(events) == set(pool._cached) == {h - 3, h - 2, h - 1, h}
 
 
-def test_kv_imported_by_a_decode_engine_is_announced(small_llm):
+def test_kv_imported_from_a_prefill_engine_is_announced(small_llm):
     config = small_llm.engine.config
-    role = lambda r: dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, role=r))  # noqa: E731
-    prefill, decode = LLMEngine(role("prefill")), LLMEngine(role("decode"))
+    prefill = LLMEngine(dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, role="prefill")))
+    decode = small_llm.engine  # imports as a decode (or both) worker does
+    decode.kv.pool.reset_prefix_cache()
+    decode.take_kv_events()
     try:
-        prompt = tokens(100, start=8000)
+        prompt = tokens(100, start=12000)
         req_id = prefill.add_request(prompt, GREEDY)
         while not prefill.step():
             pass
-        decode.import_kv(prefill.export_kv(req_id), GREEDY)
+        decode.import_kv(prefill.export_kv(req_id), GREEDY, req_id)
         prefill.release_kv(req_id)
         index = replay(decode.take_kv_events())
         assert index == cached_hashes(decode)
         assert leading_blocks(index, decode, prompt) == 100 // 16, "every full prompt block imported is indexed"
         assert decode.kv.num_cached_prefix_tokens(prompt) == 96
+        while decode.has_unfinished_requests():
+            decode.step()
+        replay(decode.take_kv_events(), index)
+        assert index == cached_hashes(decode)
     finally:
         prefill.shutdown()
-        decode.shutdown()
