@@ -2,8 +2,9 @@
 events"; the publisher: workers/kv_events/publisher.py).
 
 One asyncio task per router, with its own Redis client (a socket timeout longer than its XREAD BLOCK):
-- bootstrap: every worker's snapshot (SCAN `kv_snapshot:<model>:*`), then the stream from the smallest snapshot
-  `stream_id`; batches a snapshot covers are "old" and skipped;
+- bootstrap: the snapshot of every worker the registry lists (`kv_snapshot:<model>:<worker_id>`; a SCAN would
+  find the same ones and walk every other key too), then the stream from the smallest snapshot `stream_id`;
+  batches a snapshot covers are "old" and skipped;
 - follow: XREAD BLOCK from the last entry read; each batch is checked (a worker the registry lists, its block
   size, the hash version), then applied in order;
 - resync every `resync_interval_s`: workers the index does not hold in order (new, restarted, or stale after a
@@ -281,21 +282,28 @@ class KVEventsFollower:
         """Load the snapshots of workers not held in order (all of them with `snapshot_all`); drop the workers
         whose snapshot is gone. Returns the stream ids of the snapshots loaded."""
         self._next_resync = time.monotonic() + self.config.resync_interval_s
-        keys = []
-        async def scan(r):
-            async for key in r.scan_iter(match=self.snapshot_prefix + "*", count=1000):
-                keys.append(_text(key))
-            return keys
-        await self.store.call(scan, timeout_s=2.0)
-        present = {k[len(self.snapshot_prefix):]: k for k in keys}
         listed = self.listed()
         self._drop_unlisted(listed)
+        # Only the listed workers' keys (batches of others are refused anyway): O(workers), where a SCAN would
+        # walk every key in Redis (KV tier blocks, semantic cache entries) each time.
+        worker_ids = list(listed)
+        keys = [self.snapshot_prefix + wid for wid in worker_ids]
+
+        async def exists(r):
+            async with r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return await pipe.execute()
+
+        found = await self.store.call(exists, timeout_s=2.0) if keys else []
+        present = {wid for wid, n in zip(worker_ids, found) if n}
         self._drop_expired(present)
-        wanted = [wid for wid in present if wid in listed and (
+        wanted = [wid for wid in worker_ids if wid in present and (
             snapshot_all or wid in self._held or wid not in self.index.workers or self.index.workers[wid].stale)]
         if not wanted:
             return []
-        values = await self.store.call(lambda r: r.mget([present[wid] for wid in wanted]), timeout_s=2.0)
+        values = await self.store.call(lambda r: r.mget([self.snapshot_prefix + wid for wid in wanted]),
+                                       timeout_s=2.0)
         loaded = []
         for wid, value in zip(wanted, values):
             if value is None:
@@ -341,7 +349,7 @@ class KVEventsFollower:
         for worker_id in [w for w in self._held if w not in listed]:
             del self._held[worker_id]
 
-    def _drop_expired(self, present: Mapping[str, str]) -> None:
+    def _drop_expired(self, present: set[str]) -> None:
         """A worker without a snapshot in Redis is dead (its snapshot expired) or stopped (it deleted it). After
         Redis comes back empty, workers get one resync interval plus their snapshot interval to write theirs."""
         if time.monotonic() - self._up_since < 2 * self.config.resync_interval_s + self._snapshot_interval_s:
