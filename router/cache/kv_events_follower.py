@@ -169,9 +169,10 @@ class KVEventsFollower:
                     await self._resync()
             except RedisUnavailable as e:
                 self.num_redis_errors += 1
-                if self.redis_up:
+                # One slow call is not an outage: down once the breaker opens (consecutive failures).
+                if self.redis_up and not self.store.available:
                     log.warning("prefix index: redis unreachable (%s); keeping the last index", e)
-                self.redis_up = False
+                    self.redis_up = False
                 await asyncio.sleep(self.config.retry_s)
             except Exception:  # noqa: BLE001 - a bug must not stop the index for good
                 log.exception("prefix index: following KV events failed")
@@ -308,14 +309,19 @@ class KVEventsFollower:
         for wid, value in zip(wanted, values):
             if value is None:
                 continue
-            stream_id = self._load_snapshot(wid, value, listed)
+            try:
+                # Large snapshots take tens of ms to parse: off the router's loop.
+                snap = await asyncio.to_thread(json.loads, value) if len(value) > 65536 else json.loads(value)
+            except ValueError as e:
+                self._reject("malformed", wid, f"snapshot: {e}")
+                continue
+            stream_id = self._load_snapshot(wid, snap, listed)
             if stream_id is not None:
                 loaded.append(stream_id)
         return loaded
 
-    def _load_snapshot(self, worker_id: str, value: bytes, listed: Mapping[str, int]) -> str | None:
+    def _load_snapshot(self, worker_id: str, snap: dict, listed: Mapping[str, int]) -> str | None:
         try:
-            snap = json.loads(value)
             reason = self._check(snap, listed)
             epoch, seq = str(snap["epoch"]), int(snap["seq"])
             block_hashes = [int(h) for h in snap["block_hashes"]]

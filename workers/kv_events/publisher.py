@@ -168,10 +168,11 @@ class KVEventPublisher:
         while True:
             ok = True
             try:
-                await self._flush()
+                # Snapshot first: at start, routers learn of this worker before its first batches arrive.
                 if time.monotonic() >= next_snapshot:
                     await self._write_snapshot()
                     next_snapshot = time.monotonic() + interval
+                await self._flush()
             except RedisUnavailable as e:
                 self.num_redis_errors += 1
                 log.debug("worker %s: KV events not published: %s", self.worker_id, e)
@@ -241,11 +242,13 @@ class KVEventPublisher:
             seq, block_hashes = self._seq, list(self._mirror)
         # Batches up to `seq` that are still queued come later in the stream, where routers skip them as "old".
         interval = self.config.interval_s
-        data = json.dumps({
+        snapshot = {
             "worker_id": self.worker_id, "epoch": self.epoch, "seq": seq, "stream_id": self._last_stream_id,
             "block_size": self.block_size, "hash_version": HASH_VERSION, "ts": time.time(), "interval_s": interval,
             "block_hashes": block_hashes,
-        }, separators=(",", ":"))
+        }
+        # Tens of ms for a large cache: off this loop, which also streams the worker's tokens.
+        data = await asyncio.to_thread(json.dumps, snapshot, separators=(",", ":"))
         await self._store.call(lambda r: r.set(self.snapshot_key, data, px=int(2 * interval * 1000)),
                                timeout_s=2 * self.config.socket_timeout_s)
         self.num_snapshots += 1
