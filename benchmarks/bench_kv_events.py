@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -65,15 +66,15 @@ async def run(args) -> None:
         while any(late.index.num_blocks(w) != live.index.num_blocks(w) for w in listed):
             await asyncio.sleep(0.005)
         rebuild_s = time.perf_counter() - t
-        q = statistics.quantiles
-        print(f"workers {args.workers}, {args.blocks} cached blocks each, {args.batches} churn batches")
-        print(f"publish() on the engine thread: p50 {q(publish_us, n=100)[49]:.1f} us, p99 {q(publish_us, n=100)[98]:.1f} us")
-        print(f"publish -> live index: p50 {q(lags, n=100)[49]:.2f} ms, p99 {q(lags, n=100)[98]:.2f} ms "
-              f"({len(lags)} samples)")
+        p50, p99 = (lambda xs: statistics.quantiles(xs, n=100)[49]), (lambda xs: statistics.quantiles(xs, n=100)[98])
+        print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; workers {args.workers}, "
+              f"{args.blocks} cached blocks each, {args.batches} churn batches")
+        print(f"publish() on the engine thread: p50 {p50(publish_us):.1f} us, p99 {p99(publish_us):.1f} us")
+        print(f"publish -> live index: p50 {p50(lags):.2f} ms, p99 {p99(lags):.2f} ms ({len(lags)} samples)")
         print(f"late router rebuild: {rebuild_s:.2f} s for {late.index.num_blocks()} blocks "
               f"({late.num_snapshots_loaded} snapshots, {late.num_batches_applied} tail batches)")
-        print(f"live router: {live.num_batches_applied} batches applied, not applied on arrival: "
-              f"{dict((k, v) for k, v in live.num_rejected.items() if v)}; lags (ms) {sorted(round(x) for x in lags)[-5:]}")
+        held = {k: v for k, v in live.num_rejected.items() if v}
+        print(f"live router: {live.num_batches_applied} batches applied; not applied on arrival: {held}")
         assert all(late.index.workers[w].block_hashes == live.index.workers[w].block_hashes for w in listed)
         for f in (live, late):
             await f.stop()
