@@ -276,6 +276,9 @@ class KVEventsFollower:
             # A missed batch, or a worker (or engine start) with no snapshot loaded: hold from here until one is.
             self._reject("gap" if result == "gap" else "unknown_epoch", worker_id)
             self._held[worker_id] = deque([batch], maxlen=self.config.max_held_batches)
+            known = self.index.workers.get(worker_id)
+            if known is not None:  # a restarted engine: what its old one cached is not scored any more
+                known.stale = True
 
     # --- snapshots --------------------------------------------------------------------------------------------
 

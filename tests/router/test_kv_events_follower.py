@@ -53,6 +53,7 @@ def test_a_follower_tracks_a_worker_live_and_a_late_one_rebuilds_from_snapshot_a
         listed = {"w1": 16}
         live = KVEventsFollower(redis_url, MODEL, lambda: listed, FAST)
         await live.start()
+        await until(lambda: "w1" in live.index.workers, what="the worker's first snapshot loaded")
         a, b = chain(4, 0), chain(3, 5000)
         pub.publish([BlockStored(a[:2])])
         pub.publish([BlockStored(a[2:]), BlockStored(b)])
