@@ -176,3 +176,27 @@ def test_redis_killed_and_restarted_publisher_drops_and_follower_resyncs():
             server.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_restarted_engine_replaces_what_its_old_one_cached(redis_url):
+    async def scenario():
+        listed = {"w1": 16}
+        follower = KVEventsFollower(redis_url, MODEL, lambda: listed, FAST)
+        old = publisher(redis_url)
+        await old.start()
+        old.publish([BlockStored(chain(3, 0))])
+        await follower.start()
+        await until(lambda: synced(follower, old), what="the first engine indexed")
+        old._task.cancel()  # died without a clean stop; the same worker id comes back with a new engine
+        await old._store.close()
+        new = publisher(redis_url)
+        await new.start()
+        fresh = chain(2, 9000)
+        new.publish([BlockStored(fresh)])
+        await until(lambda: synced(follower, new), what="the new engine indexed")
+        assert follower.index.workers["w1"].epoch == new.epoch != old.epoch
+        assert follower.index.match(chain(3, 0)) == {} and follower.index.match(fresh) == {"w1": 2}
+        await new.close()
+        await follower.stop()
+
+    asyncio.run(scenario())
