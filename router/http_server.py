@@ -101,6 +101,8 @@ class OpenAIServer:
         if not router.pool.is_ready():
             empty = [p for p in router.config.pools if not router.pool.num_live(p)]
             return _error(503, f"no live worker in the {', '.join(empty)} pool")
+        if router.redis_state != "off":  # Redis down is not unhealthy: the router serves without the cache
+            return web.json_response({"redis": router.redis_state})
         return web.Response(status=200)
 
     # --- generation ---------------------------------------------------------------------------------------

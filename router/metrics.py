@@ -5,11 +5,15 @@ Prometheus names (exporter: dots become underscores, the unit "s" adds _seconds,
   gen_ai_server_time_to_first_token_seconds, gen_ai_server_time_per_output_token_seconds,
   gen_ai_server_request_duration_seconds, gen_ai_client_token_usage (histograms, `_bucket`/`_sum`/`_count`);
   tandem_router_requests_total, tandem_router_inflight_requests, tandem_router_queued_requests,
-  tandem_router_migrations_total.
+  tandem_router_migrations_total;
+  with Redis (PrefixIndexMetrics): tandem_router_prefix_index_blocks, tandem_router_prefix_index_workers,
+  tandem_router_prefix_index_stale_workers, tandem_router_kv_events_batches_applied_total,
+  tandem_router_kv_events_batches_rejected_total{reason}, tandem_router_kv_events_snapshots_loaded_total,
+  tandem_router_redis_up (1: reachable, 0: serving without the cache).
 """
 from __future__ import annotations
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 PROVIDER = "tandem"
 
@@ -57,3 +61,39 @@ class RouterMetrics:
 def genai_attributes(operation: str, model: str) -> dict[str, str]:
     """The attributes every GenAI metric point of a request carries."""
     return {"gen_ai.operation.name": operation, "gen_ai.provider.name": PROVIDER, "gen_ai.request.model": model}
+
+
+class PrefixIndexMetrics:
+    """The global prefix index and its feed (router/cache/kv_events_follower.py), observed at each scrape."""
+
+    def __init__(self, meter: Meter, follower):
+        f = follower
+
+        def gauge(name: str, value, unit: str, description: str) -> None:
+            meter.create_observable_gauge(name, [lambda options: [Observation(value())]], unit=unit,
+                                          description=description)
+
+        def counter(name: str, value, unit: str, description: str) -> None:
+            meter.create_observable_counter(name, [lambda options: [Observation(value())]], unit=unit,
+                                            description=description)
+
+        gauge("tandem.router.prefix_index.blocks", lambda: f.index.num_blocks(), "{block}",
+              "KV blocks the global prefix index holds, over all workers")
+        gauge("tandem.router.prefix_index.workers", lambda: len(f.index.workers), "{worker}",
+              "Workers in the global prefix index")
+        gauge("tandem.router.prefix_index.stale_workers", lambda: f.num_stale_workers, "{worker}",
+              "Workers not scored until their next snapshot (a KV event batch was missed)")
+        gauge("tandem.router.redis.up", lambda: int(f.redis_up), "1",
+              "1 while Redis answers, 0 while the router serves without the cache")
+        counter("tandem.router.kv_events.batches_applied", lambda: f.num_batches_applied, "{batch}",
+                "KV event batches applied to the prefix index")
+        counter("tandem.router.kv_events.snapshots_loaded", lambda: f.num_snapshots_loaded, "{snapshot}",
+                "Worker snapshots loaded into the prefix index (bootstrap and resyncs)")
+
+        def rejected(options: CallbackOptions):
+            return [Observation(n, {"reason": reason}) for reason, n in f.num_rejected.items()]
+
+        meter.create_observable_counter(
+            "tandem.router.kv_events.batches_rejected", [rejected], unit="{batch}",
+            description="KV event batches not applied on arrival, by reason (gap, unknown_epoch: held for the next "
+                        "snapshot; unknown_worker, block_size, hash_version, malformed: refused)")

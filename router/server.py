@@ -20,11 +20,14 @@ from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
 from router.auth import AuthInterceptor, grpc_tenant
+from router.cache.kv_events_follower import KVEventsFollower
+from router.cache.prefix_index import PrefixIndex
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
 from router.http_server import MAX_BODY_BYTES, OpenAIServer
 from router.limits import TenantLimits
+from router.metrics import PrefixIndexMetrics
 from router.model import ServedModel
 from router.pool import WorkerPool
 from router.request import ABORT_TIMEOUT_S, GenerateCall, RouterServices
@@ -76,6 +79,17 @@ class Router:
         self._health = health_aio.HealthServicer()
         self._serving: bool | None = None
         self._background: set[asyncio.Task] = set()
+        # The global prefix index, fed from the workers' KV events in Redis (None without Redis); the follower
+        # starts with the router, once the registry is read.
+        self.kv_events: KVEventsFollower | None = None
+        self.prefix_index: PrefixIndex | None = PrefixIndex() if config.redis_url else None
+
+    @property
+    def redis_state(self) -> str:
+        """"up", "down" (serving without the cache), or "off" (no Redis configured)."""
+        if self.kv_events is None:
+            return "off"
+        return "up" if self.kv_events.redis_up else "down"
 
     async def start(self) -> str:
         """Load the tokenizer, bind, serve, and poll the registry once; returns the gRPC "host:port" listened on
@@ -113,6 +127,13 @@ class Router:
                 raise
             self._http = http
         await self.pool.start()
+        if self.prefix_index is not None:
+            pool = self.pool
+            self.kv_events = KVEventsFollower(
+                config.redis_url, self.model.name, lambda: {w: h.info.block_size for w, h in pool.workers.items()},
+                index=self.prefix_index)
+            PrefixIndexMetrics(self.telemetry.meter, self.kv_events)
+            await self.kv_events.start()
         await server.start()
         self._server = server
         self.address = f"{host}:{port}"
@@ -152,6 +173,8 @@ class Router:
         if self._background:
             await asyncio.wait(set(self._background), timeout=ABORT_TIMEOUT_S)
         await self.pool.close()
+        if self.kv_events is not None:
+            await self.kv_events.stop()
         if self._owns_telemetry:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP batches: blocking
         log.info("router on %s stopped", self.address)

@@ -18,6 +18,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_fraction: float = 0.25
     enable_prefix_caching: bool = True
+    # Record prefix cache changes for LLMEngine.take_kv_events() (vLLM's name); workers with Redis publish them.
+    enable_kv_cache_events: bool = False
 
     def __post_init__(self):
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):

@@ -15,6 +15,7 @@ import torch
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.executor import Executor, MultiprocTPExecutor
+from workers.kv.events import KVCacheEvent
 from workers.kv.handoff import KVPayload
 from workers.kv.kv_cache_manager import KVCacheManager
 from workers.model.loader import load_model_config, resolve_model
@@ -90,7 +91,8 @@ class LLMEngine:
                 "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill"
             )
         self.kv = KVCacheManager(
-            self.num_blocks, self.block_size, config.cache.enable_prefix_caching, hash_extra=self.model_name.encode()
+            self.num_blocks, self.block_size, config.cache.enable_prefix_caching, hash_extra=self.model_name.encode(),
+            enable_kv_cache_events=config.cache.enable_kv_cache_events,
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.sampler = Sampler()
@@ -303,6 +305,11 @@ class LLMEngine:
         return req.req_id
 
     # --- state -----------------------------------------------------------------------------------------
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """Prefix cache changes since the last call, oldest first (workers/kv/events.py); [] unless the engine
+        was built with enable_kv_cache_events."""
+        return self.kv.pool.take_events()
 
     def stats(self) -> EngineStats:
         return EngineStats(

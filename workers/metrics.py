@@ -11,7 +11,10 @@ Prometheus names (every point labelled worker_id and worker_role):
   tandem_request_success_total{finished_reason}, tandem_kv_transfer_bytes_total{direction=sent|received},
   tandem_kv_transfers_total{direction}, tandem_kv_transfer_leases_expired_total,
   tandem_kv_transfer_latency_seconds (decode side: pull until the payload is here),
-  tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread).
+  tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread);
+  with Redis (KV events for the routers' prefix index): tandem_kv_events_published_batches_total,
+  tandem_kv_events_published_events_total, tandem_kv_events_dropped_batches_total (a gap routers resync),
+  tandem_kv_events_redis_errors_total, tandem_kv_events_pending_batches.
 
 Prefix cache counters count each request once, when the worker admits it to compute its prompt: not at every
 scheduling attempt while it waits for blocks, nor again after a preemption. A disaggregated request is counted by
@@ -46,13 +49,22 @@ _COUNTERS = (
     ("tandem.num_preemptions", "num_preemptions", "{preemption}", "Requests preempted (recomputed later)"),
 )
 
+# KV events published for the routers' prefix index (workers/kv_events/): (field, unit, description)
+_KV_EVENT_COUNTERS = (
+    ("published_batches", "{batch}", "KV event batches written to the Redis stream"),
+    ("published_events", "{event}", "KV events (stored, removed, cleared) written to the Redis stream"),
+    ("dropped_batches", "{batch}", "KV event batches dropped while Redis was unreachable (routers resync)"),
+    ("redis_errors", "{error}", "Failed or refused Redis calls of the KV event publisher"),
+)
+
 
 class WorkerMetrics:
     """Registers a worker's instruments on `meter`. `snapshot()` returns the engine loop's latest stats dict,
     `transfer_stats()` the KV transport's counters, `leases_expired()` the expired lease count."""
 
     def __init__(self, meter: Meter, attributes: dict[str, str], snapshot: Callable[[], dict],
-                 transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int]):
+                 transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int],
+                 kv_events: Callable[[], dict[str, int]] | None = None):
         self.attributes = attributes
         self._snapshot = snapshot
         self._transfer_stats = transfer_stats
@@ -73,12 +85,25 @@ class WorkerMetrics:
         meter.create_observable_counter(
             "tandem.kv_transfer.leases_expired", [self._observe_leases_expired], unit="{lease}",
             description="Staged KV released because no decode worker fetched it within the lease")
+        if kv_events is not None:
+            self._register_kv_events(meter, kv_events)
         self.kv_transfer_latency = meter.create_histogram(
             "tandem.kv_transfer.latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
             description="Decode side: time to pull a request's KV from the prefill worker")
         self.kv_stage_latency = meter.create_histogram(
             "tandem.kv_transfer.stage_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
             description="Prefill side: time to export a request's KV and stage it on the transport")
+
+    def _register_kv_events(self, meter: Meter, kv_events: Callable[[], dict[str, int]]) -> None:
+        def observe(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+            return lambda options: [Observation(kv_events()[field], self.attributes)]
+
+        for field, unit, description in _KV_EVENT_COUNTERS:
+            meter.create_observable_counter(f"tandem.kv_events.{field}", [observe(field)], unit=unit,
+                                            description=description)
+        meter.create_observable_gauge(
+            "tandem.kv_events.pending_batches", [observe("pending_batches")], unit="{batch}",
+            description="KV event batches waiting to be written to Redis")
 
     def record_fetch(self, seconds: float, transport: str) -> None:
         self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})

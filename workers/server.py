@@ -40,6 +40,7 @@ from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
+from workers.kv_events import KVEventPublisher, KVEventsConfig
 from workers.kv_transfer import KVTransferError, make_kv_transport
 from workers.metrics import WorkerMetrics
 from workers.outputs import TokenEvent
@@ -71,6 +72,8 @@ class WorkerConfig:
     internal_tls: TLSConfig | None = None
     # Redis for KV events (the global prefix index) and the remote KV tier; None: neither.
     redis_url: str | None = None
+    # How often the KV events publisher writes this worker's snapshot (its TTL in Redis is twice that).
+    kv_events_interval_s: float = 2.0
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -82,6 +85,8 @@ class WorkerConfig:
             raise ValueError(f"kv_lease_s: must be > 0, got {self.kv_lease_s}")
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests: must be >= 1, got {self.max_waiting_requests}")
+        if not self.kv_events_interval_s > 0:
+            raise ValueError(f"kv_events_interval_s: must be > 0, got {self.kv_events_interval_s}")
 
 
 @dataclass
@@ -107,6 +112,8 @@ class EngineLoop:
         # transfer from the transport (a no-op once the decode side has fetched it).
         self.on_prefilled: Callable[[str], tuple[str, int] | None] | None = None
         self.withdraw: Callable[[str], object] | None = None
+        # Set by the server when it publishes KV events: gets each step's prefix cache changes (engine thread).
+        self.on_kv_events: Callable[[list], None] | None = None
         self.num_leases_expired = 0
         self.snapshot = self._snapshot()
         self._stop = False
@@ -150,6 +157,8 @@ class EngineLoop:
                         self._dispatch(event)
                 self._expire_leases()
                 self.snapshot = self._snapshot()
+                if self.on_kv_events is not None:
+                    self.on_kv_events(self.engine.take_kv_events())
         except BaseException as e:  # noqa: BLE001 - a dead engine must be visible, not silent
             log.exception("engine loop died")
             self.error = e
@@ -248,11 +257,19 @@ class WorkerServer:
         options = dict(config.engine)
         options.setdefault("detokenize", False)
         options["role"] = config.role
+        if config.redis_url:
+            options.setdefault("enable_kv_cache_events", True)
         self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
+        # The routers' global prefix index is fed from these (workers/kv_events/).
+        self.kv_events = KVEventPublisher(
+            config.redis_url, self.engine.model_name, self.worker_id, self.engine.block_size,
+            KVEventsConfig(interval_s=config.kv_events_interval_s)) if config.redis_url else None
         self.transport = make_kv_transport(config.kv_transport, tls=config.internal_tls)
         self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
         self.loop.withdraw = self.transport.withdraw
+        if self.kv_events is not None:
+            self.loop.on_kv_events = self.kv_events.publish
         self.transport.on_fetched = self._on_fetched
         self.kv_transfers = 0
         self.kv_transfer_bytes = 0
@@ -260,7 +277,8 @@ class WorkerServer:
         self.metrics = WorkerMetrics(
             self.telemetry.meter, {"worker_id": self.worker_id, "worker_role": config.role},
             snapshot=lambda: self.loop.snapshot, transfer_stats=lambda: self.transport.stats,
-            leases_expired=lambda: self.loop.num_leases_expired)
+            leases_expired=lambda: self.loop.num_leases_expired,
+            kv_events=(lambda: self.kv_events.stats) if self.kv_events is not None else None)
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_runner = None  # aiohttp, serving /metrics
@@ -321,6 +339,8 @@ class WorkerServer:
         if bound == 0:
             raise OSError(f"port: cannot listen on {host}:{port}")
         await self._server.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         if self.config.metrics_port >= 0:
             self._metrics_runner, self.metrics_address = await start_metrics_server(
                 self.telemetry, host, self.config.metrics_port)
@@ -343,6 +363,8 @@ class WorkerServer:
 
     async def _stop_serving(self) -> None:
         await self._server.stop(grace=1.0)
+        if self.kv_events is not None:
+            await self.kv_events.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None

@@ -10,6 +10,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from workers.kv.events import KVCacheEvent, KVEventLog
+
 # Root of every hash chain; fixed so that hashes agree across processes and restarts.
 ROOT_HASH = 0x7A6E_64E6_0000_0001
 
@@ -45,7 +47,10 @@ class KVBlock:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    """`enable_kv_cache_events`: record what the prefix cache gains and loses (`take_events()`); off, nothing
+    is recorded."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True, enable_kv_cache_events: bool = False):
         if num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -55,6 +60,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block_hash -> block_id
         self.num_evictions = 0
+        # Bounded at a few times the pool: an undrained log is replaced by the pool's state (KVEventLog).
+        self.events: KVEventLog | None = (
+            KVEventLog(self._cached.keys, max(4 * num_blocks, 4096)) if enable_kv_cache_events else None)
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,11 +120,20 @@ class BlockPool:
             return  # an identical block is cached already; this one stays private
         block.block_hash = block_hash
         self._cached[block_hash] = block.block_id
+        if self.events is not None:
+            self.events.stored(block_hash)
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block no request holds (blocks in use keep their hash)."""
         for block_hash, block_id in list(self._cached.items()):
             if self.blocks[block_id].ref_cnt == 0:
                 self._drop_hash(self.blocks[block_id])
+        if self.events is not None and not self._cached:
+            self.events.cleared()
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """Events recorded since the last call, oldest first ([] when events are off)."""
+        return [] if self.events is None else self.events.take()
 
     def _evict(self, block: KVBlock) -> None:
         self.num_evictions += 1
@@ -125,4 +142,6 @@ class BlockPool:
     def _drop_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None and self._cached.get(block.block_hash) == block.block_id:
             del self._cached[block.block_hash]
+            if self.events is not None:
+                self.events.removed(block.block_hash)
         block.block_hash = None

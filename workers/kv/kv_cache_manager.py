@@ -6,11 +6,12 @@ from workers.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, hash_extra: bytes = b""):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, hash_extra: bytes = b"",
+                 enable_kv_cache_events: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_extra = hash_extra
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching, enable_kv_cache_events)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self._num_hashed: dict[str, int] = {}  # leading blocks of a request already registered in the cache
         # Tokens of requests admitted for prefill here, and of those the ones served from the prefix cache; each
