@@ -76,6 +76,19 @@ def test_balance_thresholds_are_validated_by_name():
         assert str(info.value).startswith(f"{field}:") and allowed in str(info.value)
 
 
+def test_router_cli_sets_the_routing_options():
+    from router.__main__ import parse_config
+
+    config, _ = parse_config(["--registry", "10.0.0.1:7000", "--redis-url", "redis://10.0.0.2:6379",
+                              "--routing-policy", "load", "--balance-abs-threshold", "3",
+                              "--balance-rel-threshold", "2"])
+    assert (config.redis_url, config.routing_policy, config.balance_abs_threshold, config.balance_rel_threshold) \
+        == ("redis://10.0.0.2:6379", "load", 3, 2.0)
+    assert parse_config(["--registry", "10.0.0.1:7000"])[0].routing_policy == "cache_aware"
+    with pytest.raises(SystemExit):
+        parse_config(["--registry", "10.0.0.1:7000", "--routing-policy", "random"])
+
+
 # --- through a router ------------------------------------------------------------------------------------------
 
 PREFIX = list(range(1000, 1000 + 160))  # 10 blocks of 16 tokens: the shared "system prompt"
