@@ -232,19 +232,25 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
     prefix_lens = group_prefix_lens(scenario, tokenizer)
     router = RouterProcess(registry.group(1), redis_url.group(1), args, out_dir / "router-restart.log")
     times: dict[str, float] = {}
+    errors: list[BaseException] = []
 
     def restart() -> None:
-        times["kill_s"] = time.monotonic() - times["t0"]
-        router.kill()
-        router.start()
-        router.wait_serving(args.restart_http_port)
-        times["serving_s"] = time.monotonic() - times["t0"]
-        print(f"[restart] router killed at {times['kill_s']:.1f} s, serving again at {times['serving_s']:.1f} s",
-              flush=True)
+        try:
+            times["kill_s"] = time.monotonic() - times["t0"]
+            router.kill()
+            router.start()
+            router.wait_serving(args.restart_http_port)
+            times["serving_s"] = time.monotonic() - times["t0"]
+            print(f"[restart] router killed at {times['kill_s']:.1f} s, serving again at {times['serving_s']:.1f} s",
+                  flush=True)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    timer = threading.Timer(args.restart_at_s, restart)
 
     def on_start(total) -> None:
         times["t0"] = time.monotonic()
-        threading.Timer(args.restart_at_s, restart).start()
+        timer.start()
 
     router.start()
     try:
@@ -253,11 +259,17 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
         load = asyncio.run(drive(scenario, tokenizer, target=target, on_start=on_start))
         result = build_result(scenario, load, target=target)
         write_outputs(result, load, scenario, out_dir / "restart")
+        timer.cancel()  # not started yet: the run was shorter than --restart-at-s
+        if timer.is_alive():
+            timer.join()  # the restart is under way: let it finish before stopping the router
     finally:
         router.stop()
     records = result["requests"]
+    if errors:
+        raise RuntimeError(f"restarting the router failed: {errors[0]}") from errors[0]
     if "serving_s" not in times:
-        raise RuntimeError("the run ended before the router was restarted: raise --duration or lower --restart-at-s")
+        raise RuntimeError("the run ended before the restarted router served again: raise --restart-duration or "
+                           "lower --restart-at-s")
     kill_s, serving_s = times["kill_s"], times["serving_s"]
     before, n_before = hit_rate(records, prefix_lens, block_size, max(0.0, kill_s - 30), kill_s, records)
     after, n_after = hit_rate(records, prefix_lens, block_size, serving_s, serving_s + 10, records)
