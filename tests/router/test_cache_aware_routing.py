@@ -2,17 +2,24 @@
 caches are described by a PrefixIndex filled with the engine's hashes of the prompts they are sent."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from router.cache.prefix_index import PrefixIndex
 from router.config import RouterConfig
 from router.policy import (Balance, WorkerLoad, pick_decode_cache_aware, pick_prefill,
                            pick_prefill_cache_aware)
+from router.routing import PromptBlocks, match_tokens
 from tandem.v1 import generation_pb2 as pb
 from tests.router.conftest import wait_for
 from tests.router.helpers import Stream
 from tests.router.test_tracing import value
 from workers.kv.block_pool import hash_token_blocks
+from workers.kv.kv_cache_manager import KVCacheManager
+from workers.model.loader import resolve_model
+from workers.request import Request
+from workers.sampling_params import SamplingParams
 
 
 def load(worker_id, waiting_tokens=0, free_blocks=100, running=0) -> WorkerLoad:
@@ -87,6 +94,27 @@ def test_router_cli_sets_the_routing_options():
     assert parse_config(["--registry", "10.0.0.1:7000"])[0].routing_policy == "cache_aware"
     with pytest.raises(SystemExit):
         parse_config(["--registry", "10.0.0.1:7000", "--routing-policy", "random"])
+
+
+def test_router_hashes_match_what_the_engine_caches_and_reuses(served_model):
+    # The engine hashes with its model name (LLMEngine: hash_extra=model_name.encode(), model_name = the source's
+    # name, also sent as WorkerInfo.model); the router with the model it serves, which it requires workers to match.
+    assert resolve_model(None).name == served_model.name
+    kv = KVCacheManager(num_blocks=64, block_size=16, hash_extra=served_model.name.encode())
+    first = Request("a", list(range(100, 300)), SamplingParams(max_tokens=1), max_tokens=1)  # 200 tokens
+    assert kv.allocate_slots(first, first.num_tokens)
+    first.num_computed_tokens = first.num_tokens
+    kv.cache_blocks(first)  # 12 full blocks cached
+    index = PrefixIndex()
+    index.load_snapshot("w", "e", 0, 16, first.block_hashes)
+    worker = SimpleNamespace(worker_id="w", info=SimpleNamespace(block_size=16))
+    # Prompts sharing the first 200 tokens, of 193..260 tokens: the router predicts what the engine will reuse,
+    # which is never the prompt's last token (it computes that one for its logits).
+    for n in (193, 200, 201, 208, 209, 260):
+        prompt = list(range(100, 100 + min(n, 200))) + list(range(5000, 5000 + max(0, n - 200)))
+        reused = len(kv.get_computed_blocks(Request(f"r{n}", prompt, SamplingParams(max_tokens=1), max_tokens=1)))
+        assert match_tokens(index, PromptBlocks(prompt, served_model.name), [worker]) == {"w": reused * 16}, n
+    assert match_tokens(index, PromptBlocks(list(range(100, 300)), "another-model"), [worker]) == {}
 
 
 # --- through a router ------------------------------------------------------------------------------------------
