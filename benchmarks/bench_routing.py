@@ -56,7 +56,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_guidellm import REPO, report, start_tandem, wait_http  # noqa: E402
+from bench_guidellm import REPO, Server, report, wait_http  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from loadtest.prompts import RequestFactory, load_tokenizer, open_loop_plan  # noqa: E402
@@ -165,7 +165,12 @@ def run_policy(policy: str, args, kv_bytes: int, prefix_lens: dict[int, int], wo
     extra = [*CLUSTER_ARGS, "--routing-policy", policy, "--kv-cache-memory-bytes", str(kv_bytes)]
     run_dir = out_dir / policy
     run_dir.mkdir(parents=True, exist_ok=True)
-    server = start_tandem(args.http_port, args.grpc_port, "disaggregated", run_dir, extra)
+    argv = [str(REPO / ".venv" / "bin" / "tandem"), "up", "--port", str(args.grpc_port), "--http-port",
+            str(args.http_port), *extra]
+    # /v1/models answers once the router listens, /health once every pool has a live worker.
+    server = Server(argv, f"http://127.0.0.1:{args.http_port}/v1/models", run_dir / "tandem-up.log",
+                    ready_timeout_s=args.start_timeout_s)
+    wait_http(f"http://127.0.0.1:{args.http_port}/health", server.proc, args.start_timeout_s)
     try:
         block_size, prefill_blocks = cluster_kv(args.grpc_port)
         capacity = min(prefill_blocks.values()) * block_size
@@ -202,7 +207,7 @@ class RouterProcess:
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                      env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
 
-    def wait_serving(self, port: int, timeout_s: float = 120) -> None:
+    def wait_serving(self, port: int, timeout_s: float) -> None:
         wait_http(f"http://127.0.0.1:{port}/health", self.proc, timeout_s)
 
     def kill(self) -> None:
@@ -222,7 +227,7 @@ class RouterProcess:
 
 def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
     """The restart phase, on the running cache_aware cluster whose `tandem up` logged to out_dir."""
-    log = (out_dir / "tandem-disaggregated.log").read_text()
+    log = (out_dir / "tandem-up.log").read_text()
     redis_url = re.search(r"embedded Redis \(valkey-server\) at (\S+)", log)
     registry = re.search(r"registry at ([^;\s]+)", log)
     if redis_url is None or registry is None:
@@ -239,7 +244,7 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
             times["kill_s"] = time.monotonic() - times["t0"]
             router.kill()
             router.start()
-            router.wait_serving(args.restart_http_port)
+            router.wait_serving(args.restart_http_port, args.start_timeout_s)
             times["serving_s"] = time.monotonic() - times["t0"]
             print(f"[restart] router killed at {times['kill_s']:.1f} s, serving again at {times['serving_s']:.1f} s",
                   flush=True)
@@ -254,7 +259,7 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
 
     router.start()
     try:
-        router.wait_serving(args.restart_http_port)
+        router.wait_serving(args.restart_http_port, args.start_timeout_s)
         target = f"127.0.0.1:{args.restart_grpc_port}"
         load = asyncio.run(drive(scenario, tokenizer, target=target, on_start=on_start))
         result = build_result(scenario, load, target=target)
@@ -324,6 +329,7 @@ def main() -> int:
     p.add_argument("--restart-duration", type=float, default=120.0, help="seconds of the restart phase's run")
     p.add_argument("--restart-rate", type=float, default=1.0,
                    help="requests/s in the restart phase (more requests in its 10 s window)")
+    p.add_argument("--start-timeout-s", type=float, default=600.0, help="for the cluster and the routers to serve")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--restart-http-port", type=int, default=8001)
