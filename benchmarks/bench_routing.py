@@ -291,7 +291,7 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
             "hit_rate_30s_before": before, "requests_before": n_before,
             "hit_rate_first_10s_after": after, "requests_after": n_after,
             "recovered": before is not None and after is not None and after >= 0.9 * before,
-            "failed_while_down": sum(1 for r in records if r["status"] != "OK"), "bins_5s": bins,
+            "failed_requests": sum(1 for r in records if r["status"] != "OK"), "bins_5s": bins,
             "result": str(out_dir / "restart" / "result.json")}
 
 
@@ -315,7 +315,7 @@ def markdown(rows: list[dict]) -> str:
                          f"({restart['requests_before']} requests) in the 30 s before the kill, "
                          f"{restart['hit_rate_first_10s_after']} ({restart['requests_after']} requests) in the first "
                          f"10 s from the first request served after it: {'recovered' if restart['recovered'] else 'NOT recovered'} (target >= 90%); "
-                         f"{restart['failed_while_down']} requests failed while it was down")
+                         f"{restart['failed_requests']} requests failed (most while it was down)")
     return "\n".join(lines)
 
 
