@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from router.config import MODES, RouterConfig
+from router.config import MODES, ROUTING_POLICIES, RouterConfig
 from router.tenants import add_auth_arguments, tenancy_from_args
 
 
@@ -31,6 +31,15 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--max-local-prefill-length", type=int,
                         default=defaults["max_local_prefill_length"].default,
                         help="prefill prompts with fewer uncached tokens on the decode worker (0: never)")
+    parser.add_argument("--redis-url", default=None,
+                        help="the cluster's Redis (redis:// or rediss://): the global prefix index; default: none")
+    parser.add_argument("--routing-policy", choices=ROUTING_POLICIES, default=defaults["routing_policy"].default,
+                        help="cache_aware: least prefill work ahead of the first token, from the prefix index; "
+                             "load: queued tokens and free blocks only (default %(default)s)")
+    parser.add_argument("--balance-abs-threshold", type=int, default=defaults["balance_abs_threshold"].default,
+                        help="cache_aware's hot-spot guard: requests above the least loaded worker (default %(default)s)")
+    parser.add_argument("--balance-rel-threshold", type=float, default=defaults["balance_rel_threshold"].default,
+                        help="... and times as many (default %(default)s)")
     parser.add_argument("--kv-lease-ms", type=int, default=defaults["kv_lease_ms"].default)
     parser.add_argument("--max-migrations", type=int, default=defaults["max_migrations"].default)
     parser.add_argument("--max-prefill-retries", type=int, default=defaults["max_prefill_retries"].default)
@@ -50,7 +59,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
             registry_poll_interval_s=args.registry_poll_interval_s, stats_poll_interval_s=args.stats_poll_interval_s,
             worker_stall_timeout_s=args.worker_stall_timeout_s, drain_timeout_s=args.drain_timeout_s,
-            max_queue_time_s=args.max_queue_time_s, tenancy=tenancy,
+            max_queue_time_s=args.max_queue_time_s, tenancy=tenancy, redis_url=args.redis_url,
+            routing_policy=args.routing_policy, balance_abs_threshold=args.balance_abs_threshold,
+            balance_rel_threshold=args.balance_rel_threshold,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -71,12 +71,21 @@ class RouterConfig:
     # Redis; cache_aware routing then has no index and routes by load.
     redis_url: str | None = None
     routing_policy: str = "cache_aware"
+    # cache_aware's hot-spot guard (router/policy.py `Balance`, SGLang's names): the worker the cache picks loses to
+    # the load choice when it has more than balance_abs_threshold requests more than the least loaded worker and
+    # more than balance_rel_threshold times as many.
+    balance_abs_threshold: int = 8
+    balance_rel_threshold: float = 1.5
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.routing_policy not in ROUTING_POLICIES:
             raise ValueError(f"routing_policy: must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing_policy!r}")
+        if self.balance_abs_threshold < 0:
+            raise ValueError(f"balance_abs_threshold: must be >= 0, got {self.balance_abs_threshold}")
+        if not 1.0 <= self.balance_rel_threshold < float("inf"):
+            raise ValueError(f"balance_rel_threshold: must be >= 1, got {self.balance_rel_threshold}")
         if self.redis_url is not None:
             StoreConfig(self.redis_url)  # checks the URL's scheme
         if self.load_format not in LOAD_FORMATS:

@@ -10,6 +10,11 @@ Prometheus names (exporter: dots become underscores, the unit "s" adds _seconds,
   tandem_router_prefix_index_stale_workers, tandem_router_kv_events_batches_applied_total,
   tandem_router_kv_events_batches_rejected_total{reason}, tandem_router_kv_events_snapshots_loaded_total,
   tandem_router_redis_up (1: reachable, 0: serving without the cache).
+  cache-aware routing: tandem_router_routing_decisions_total{pool, reason} (reasons: router.policy.ROUTING_REASONS),
+  tandem_router_prefix_cache_{prompt,cached,predicted}_tokens_total{pool}: per request whose prompt was computed,
+  on the pool that computed it, its prompt tokens, the tokens the worker found cached (usage.cached_tokens) and
+  those the prefix index predicted there (0 when routed without it). Hit rate = cached / prompt; prediction
+  accuracy = predicted / cached.
 """
 from __future__ import annotations
 
@@ -56,6 +61,18 @@ class RouterMetrics:
         self.migrations = meter.create_counter(
             "tandem.router.migrations", unit="{migration}",
             description="Requests moved to another decode worker after theirs failed mid-stream")
+        self.routing_decisions = meter.create_counter(
+            "tandem.router.routing_decisions", unit="{decision}",
+            description="Workers chosen, by pool and reason (prefix_hit, load, hot_spot_guard, no_index)")
+        self.prefix_cache_prompt_tokens = meter.create_counter(
+            "tandem.router.prefix_cache.prompt_tokens", unit="{token}",
+            description="Prompt tokens of requests whose prompt was computed, by the pool that computed it")
+        self.prefix_cache_cached_tokens = meter.create_counter(
+            "tandem.router.prefix_cache.cached_tokens", unit="{token}",
+            description="Of those, the tokens the worker found in its prefix cache")
+        self.prefix_cache_predicted_tokens = meter.create_counter(
+            "tandem.router.prefix_cache.predicted_tokens", unit="{token}",
+            description="Of those, the tokens the global prefix index said that worker held when it was chosen")
 
 
 def genai_attributes(operation: str, model: str) -> dict[str, str]:

@@ -20,8 +20,11 @@ from collections.abc import Callable
 
 import grpc
 
+from router.cache.prefix_index import PrefixIndex
 from router.config import RouterConfig
-from router.policy import WorkerLoad, pick_decode, pick_prefill
+from router.policy import (Balance, Choice, WorkerLoad, pick_decode, pick_decode_cache_aware, pick_prefill,
+                           pick_prefill_cache_aware)
+from router.routing import PromptBlocks, Route, match_tokens
 from tandem.tls import TLSConfig, aio_channel
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -117,12 +120,20 @@ class WorkerPool:
 
     `on_change` is called (synchronously, on the event loop) whenever a pool may have gained or lost its last
     live worker.
+
+    `prefix_index` is the hook of cache-aware routing: the global prefix index (router/cache/prefix_index.py) that
+    the router's KV-events follower keeps up to date, or None (no Redis, or not followed yet). It is read on every
+    choice, so it may be set or replaced at any time; with None, or routing_policy "load", workers are chosen by
+    load alone.
     """
 
-    def __init__(self, config: RouterConfig, model_name: str, on_change: Callable[[], None] = lambda: None):
+    def __init__(self, config: RouterConfig, model_name: str, on_change: Callable[[], None] = lambda: None,
+                 prefix_index: PrefixIndex | None = None):
         self.config = config
         self.model_name = model_name
         self.on_change = on_change
+        self.prefix_index = prefix_index
+        self._balance = Balance(config.balance_abs_threshold, config.balance_rel_threshold)
         self.workers: dict[str, WorkerHandle] = {}
         self._pool_roles = POOL_ROLES[config.mode]
         self._decode_pool = "decode" if config.mode == "disaggregated" else "both"
@@ -168,13 +179,40 @@ class WorkerPool:
         """Every pool has a live worker."""
         return all(self.live_workers(pool) for pool in self._pool_roles)
 
-    def choose_prefill(self, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerHandle | None:
-        loads = [w.load() for w in self.live_workers("prefill") if w.worker_id not in exclude]
-        return self.workers.get(pick_prefill(loads))
+    def choose_prefill(self, exclude: frozenset[str] | set[str] = frozenset(),
+                       prompt: PromptBlocks | None = None) -> Route | None:
+        """A prefill worker for `prompt` (router/policy.py); None when no live one is left outside `exclude`."""
+        workers = [w for w in self.live_workers("prefill") if w.worker_id not in exclude]
+        return self._choose(workers, prompt, pick_prefill, lambda loads, cached: pick_prefill_cache_aware(
+            loads, len(prompt), cached, self._balance))
 
-    def choose_decode(self, exclude: frozenset[str] | set[str] = frozenset()) -> WorkerHandle | None:
-        loads = [w.load() for w in self.live_workers(self._decode_pool) if w.worker_id not in exclude]
-        return self.workers.get(pick_decode(loads))
+    def choose_decode(self, exclude: frozenset[str] | set[str] = frozenset(),
+                      prompt: PromptBlocks | None = None) -> Route | None:
+        """A decode worker (of the "both" pool in colocated mode) for `prompt`; None when none is left."""
+        workers = [w for w in self.live_workers(self._decode_pool) if w.worker_id not in exclude]
+        block_size = {w.worker_id: max(w.info.block_size, 1) for w in workers}
+        return self._choose(workers, prompt, pick_decode, lambda loads, cached: pick_decode_cache_aware(
+            loads, {wid: n // block_size[wid] for wid, n in cached.items()}, self._balance))
+
+    def has_index(self, workers: list[WorkerHandle]) -> bool:
+        """Cache-aware routing can use the prefix index for these workers: policy cache_aware, an index, and it
+        knows at least one of them (workers that publish no KV events are otherwise scored as cold)."""
+        index = self.prefix_index
+        return (self.config.routing_policy == "cache_aware" and index is not None
+                and any(w.worker_id in index.workers for w in workers))
+
+    def _choose(self, workers: list[WorkerHandle], prompt: PromptBlocks | None,
+                by_load: Callable[[list[WorkerLoad]], str | None],
+                cache_aware: Callable[[list[WorkerLoad], dict[str, int]], Choice | None]) -> Route | None:
+        if not workers:
+            return None
+        loads = [w.load() for w in workers]
+        if prompt is None or not self.has_index(workers):
+            reason = "load" if prompt is None or self.config.routing_policy == "load" else "no_index"
+            return Route(self.workers[by_load(loads)], reason)
+        cached = match_tokens(self.prefix_index, prompt, workers)
+        choice = cache_aware(loads, cached)
+        return Route(self.workers[choice.worker_id], choice.reason, cached.get(choice.worker_id, 0))
 
     def max_model_len(self, pools: tuple[str, ...] | None = None) -> int | None:
         """The smallest context among the live workers of `pools` (all pools by default); None without any."""

@@ -45,6 +45,7 @@ from router.limits import TenantLimits
 from router.metrics import RouterMetrics, genai_attributes
 from router.model import ServedModel
 from router.pool import WorkerHandle, WorkerPool
+from router.routing import PromptBlocks, Route
 from router.tenants import ANONYMOUS, Tenant
 from tandem.telemetry import Telemetry, epoch_ns_from_perf_counter, extract, inject
 from tandem.v1 import generation_pb2 as pb
@@ -111,6 +112,11 @@ class GenerateCall:
         self.detok = IncrementalDetokenizer(services.model.decoder, self.prompt, inp.params)
         self.output_ids: list[int] = []
         self.num_cached_tokens = 0
+        # The prompt's block hashes for cache-aware routing (computed on first use), and the route of the worker
+        # that computes the prompt (its prediction of num_cached_tokens, for the metrics).
+        self.blocks = PromptBlocks(self.prompt, services.pool.model_name)
+        self.prompt_route: Route | None = None
+        self.prompt_pool = ""
         self.max_model_len = 0
         # Worker-side ids are unique per call: a fallback on the same worker must not collide with the call it
         # replaces, and two clients may pick the same request_id.
@@ -191,16 +197,21 @@ class GenerateCall:
             self._reservation = self.s.limits.acquire(
                 self.tenant, prompt_len, self.max_model_len - prompt_len if max_tokens is None else max_tokens)
 
-        decode_worker = None
+        decode_route = None
         if not local and config.max_local_prefill_length > 0:
-            decode_worker = pool.choose_decode()
-            num_cached = await self._match_prefix(decode_worker) if decode_worker is not None else 0
+            decode_route = pool.choose_decode(prompt=self.blocks)
+            if decode_route is None:
+                num_cached = 0
+            elif decode_route.num_cached_tokens is not None:  # the prefix index's answer: no RPC
+                num_cached = decode_route.num_cached_tokens
+            else:
+                num_cached = await self._match_prefix(decode_route.worker)
             if prompt_len - num_cached < config.max_local_prefill_length:
                 local = True
                 self._release("prefill", first_token=False)
         kv = None
         if not local:
-            decode_worker = None  # picked again when the first token is out: loads change during a prefill
+            decode_route = None  # picked again when the first token is out: loads change during a prefill
             resp = await self._prefill()
             if resp is None:  # every prefill worker failed it: prefill on the decode worker instead
                 self._release("prefill", first_token=False)
@@ -208,7 +219,7 @@ class GenerateCall:
                 kv = resp.kv if resp.HasField("kv") else None
                 if await self._emit(resp.token_ids, resp.logprobs, resp.finish_reason):
                     return
-        await self._decode(decode_worker or pool.choose_decode(), kv)
+        await self._decode(decode_route or pool.choose_decode(prompt=self.blocks), kv)
 
     async def _match_prefix(self, worker: WorkerHandle) -> int:
         """How much of the prompt `worker` caches; 0 when it does not answer in time (it is only a hint)."""
@@ -224,13 +235,16 @@ class GenerateCall:
         config, pool = self.s.config, self.s.pool
         tried: set[str] = set()
         while len(tried) <= config.max_prefill_retries:
-            worker = pool.choose_prefill(tried)
-            if worker is None:
+            route = pool.choose_prefill(tried, self.blocks)
+            if route is None:
                 break
+            worker = route.worker
             engine_id = self._new_engine_id()
             req = worker_pb2.PrefillRequest(request=self._engine_request(engine_id), kv_lease_ms=config.kv_lease_ms)
             timeout = self._timeout()
-            ticket = self._dispatch(worker, engine_id, len(self.prompt), 0)
+            self._on_route("prefill", route)
+            # Its load there: the prompt tokens it computes (all of them unless the index says some are cached).
+            ticket = self._dispatch(worker, engine_id, len(self.prompt) - (route.num_cached_tokens or 0), 0)
             call = None
             try:
                 call = worker.stub.Prefill(req, timeout=timeout, metadata=self._trace_metadata)
@@ -271,17 +285,22 @@ class GenerateCall:
                     ", ".join(sorted(tried)) or "none")
         return None
 
-    async def _decode(self, worker: WorkerHandle | None, kv: worker_pb2.KVHandle | None) -> None:
+    async def _decode(self, route: Route | None, kv: worker_pb2.KVHandle | None) -> None:
         config, pool = self.s.config, self.s.pool
         failed: set[str] = set()
+        routed = None
         while True:
-            if worker is None:
+            if route is None:
                 detail = f" left (failed: {', '.join(sorted(failed))})" if failed else ""
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, f"{pool.decode_pool} pool: no live worker{detail}")
             if self.output_ids and self._reached_length():
                 # The last worker stopped between sending the last token and saying so.
                 await self._complete(pb.FINISH_REASON_LENGTH, None)
                 return
+            worker = route.worker
+            if route is not routed:  # not again for a retry on the same worker after a failed KV pull
+                routed = route
+                self._on_route(pool.decode_pool, route, computes_prompt=kv is None and not self.output_ids)
             outcome, num_messages = await self._stream(worker, kv)
             if outcome is _Outcome.DONE:
                 return
@@ -305,7 +324,7 @@ class GenerateCall:
             if num_messages:
                 # The KV was pulled (and released by the prefill side) and tokens were made: recompute elsewhere.
                 kv = None
-            worker = pool.choose_decode(failed)
+            route = pool.choose_decode(failed, self.blocks)
 
     async def _stream(self, worker: WorkerHandle, kv: worker_pb2.KVHandle | None) -> tuple[_Outcome, int]:
         """One Decode call; returns how it ended and how many messages it sent."""
@@ -475,6 +494,13 @@ class GenerateCall:
                                       start_time=epoch_ns_from_perf_counter(self.arrival))
         span.end(end_time=epoch_ns_from_perf_counter(self.dispatched_at))
 
+    def _on_route(self, pool: str, route: Route, computes_prompt: bool = True) -> None:
+        """Count a routing decision; remember the route of the worker that computes the prompt."""
+        if computes_prompt:
+            self.prompt_route, self.prompt_pool = route, pool
+        if self.metrics is not None:
+            self.metrics.routing_decisions.add(1, {"pool": pool, "reason": route.reason})
+
     def _on_migration(self, failed: WorkerHandle) -> None:
         if self.metrics is not None:
             self.metrics.migrations.add(1, self.attrs)
@@ -527,6 +553,12 @@ class GenerateCall:
         if self.dispatched_at is not None:  # it reached a worker: its tokens were spent
             m.token_usage.record(len(self.prompt), {**attrs, "gen_ai.token.type": "input"})
             m.token_usage.record(num_output, {**attrs, "gen_ai.token.type": "output"})
+        if self.first_token_at is not None and self.prompt_route is not None:
+            # The prompt was computed: what the index predicted there against what the worker found cached.
+            pool = {"pool": self.prompt_pool}
+            m.prefix_cache_prompt_tokens.add(len(self.prompt), pool)
+            m.prefix_cache_cached_tokens.add(self.num_cached_tokens, pool)
+            m.prefix_cache_predicted_tokens.add(self.prompt_route.num_cached_tokens or 0, pool)
         if error_type is None and self.first_token_at is not None and num_output > 1:
             m.time_per_output_token.record((now - self.first_token_at) / (num_output - 1), attrs)
 

@@ -99,7 +99,8 @@ class Router:
             self.model = await asyncio.to_thread(ServedModel.load, config.model, config.load_format)
         if self.model.content_special_tokens != config.chat_content_special_tokens:
             self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
-        self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
+        self.pool = WorkerPool(config, self.model.name, on_change=self._update_health,
+                               prefix_index=self.prefix_index)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
                                        limits=TenantLimits())
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.

@@ -75,7 +75,7 @@ def test_dispatches_not_yet_in_stats_spread_a_burst(make_env):
     def burst():
         chosen = []
         for _ in range(4):
-            w = pool.choose_prefill()
+            w = pool.choose_prefill().worker
             pool.dispatch(w, 100, 7)
             chosen.append(w.worker_id)
         return chosen
