@@ -7,6 +7,7 @@ from functools import cached_property
 from tandem.redis_store.client import StoreConfig
 from tandem.tls import TLSConfig
 
+from router.cache.semantic.config import SemanticCacheConfig
 from router.tenants import TenancyConfig
 
 MODES = ("disaggregated", "colocated")
@@ -71,6 +72,8 @@ class RouterConfig:
     # Redis; cache_aware routing then has no index and routes by load.
     redis_url: str | None = None
     routing_policy: str = "cache_aware"
+    # The semantic response cache (router/cache/semantic/), for requests that opt in; None: off. Needs redis_url.
+    semantic_cache: SemanticCacheConfig | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -79,6 +82,8 @@ class RouterConfig:
             raise ValueError(f"routing_policy: must be one of {', '.join(ROUTING_POLICIES)}, got {self.routing_policy!r}")
         if self.redis_url is not None:
             StoreConfig(self.redis_url)  # checks the URL's scheme
+        if self.semantic_cache is not None and self.redis_url is None:
+            raise ValueError("semantic_cache: needs redis_url (the cache's entries live in Redis)")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not self.host:

@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
+from router.cache.semantic import TENANT_METADATA, SemanticCache
 from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
@@ -70,6 +71,7 @@ class Router:
         self.admission = Admission(config.pools, config.max_queued_requests, config.max_queue_time_s)
         self.keys = KeyStore(config.tenancy)
         self.services: RouterServices | None = None
+        self.semantic_cache: SemanticCache | None = None
         self.num_active = 0
         self._server: grpc.aio.Server | None = None
         self._http: OpenAIServer | None = None
@@ -86,8 +88,10 @@ class Router:
         if self.model.content_special_tokens != config.chat_content_special_tokens:
             self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
+        self.semantic_cache = (SemanticCache(config.semantic_cache, config.redis_url, self.model.name, self.telemetry)
+                               if config.semantic_cache is not None else None)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
-                                       limits=TenantLimits())
+                                       limits=TenantLimits(), semantic_cache=self.semantic_cache)
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
         # grpc refuses a message over its receive limit with RESOURCE_EXHAUSTED, which clients read as "queue full,
         # retry": the limit is set above MAX_BODY_BYTES so that the parser below refuses those as INVALID_ARGUMENT.
@@ -113,6 +117,8 @@ class Router:
                 raise
             self._http = http
         await self.pool.start()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.start()
         await server.start()
         self._server = server
         self.address = f"{host}:{port}"
@@ -152,6 +158,8 @@ class Router:
         if self._background:
             await asyncio.wait(set(self._background), timeout=ABORT_TIMEOUT_S)
         await self.pool.close()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.stop()
         if self._owns_telemetry:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP batches: blocking
         log.info("router on %s stopped", self.address)
@@ -240,10 +248,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 request_id = check_request_id(request.request_id)
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
-            inp = generate_input_from_proto(request, request_id, router.model)
+            metadata = dict(context.invocation_metadata())
+            inp = generate_input_from_proto(request, request_id, router.model, metadata.get(TENANT_METADATA))
             operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
             await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival,
-                               operation=operation, trace_carrier=dict(context.invocation_metadata()),
+                               operation=operation, trace_carrier=metadata,
                                tenant=grpc_tenant(router.keys, context)).run()
         except RouterError as e:
             await _abort_with(context, e.code, e.message, request_id, e.retry_after_s)

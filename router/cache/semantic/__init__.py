@@ -3,7 +3,8 @@ to the same question in other words, per tenant. cache.py (Redis and the lifecyc
 index), embedder.py (all-MiniLM-L6-v2), guards.py (near-duplicates that mean something else), query.py (the
 opt-in, keys and tenant scope), metrics.py.
 """
-from router.cache.semantic.cache import Lookup, SemanticCache, SemanticCacheConfig, open_lookup
+from router.cache.semantic.cache import Lookup, SemanticCache, open_lookup
+from router.cache.semantic.config import SemanticCacheConfig
 from router.cache.semantic.guards import conflict
 from router.cache.semantic.index import CacheEntry, SemanticIndex
 from router.cache.semantic.query import (FIELD, OPT_IN_HEADER, TENANT_HEADER, TENANT_METADATA, SemanticQuery,

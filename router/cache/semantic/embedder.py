@@ -92,6 +92,10 @@ class BatchingEmbedder:
                 self._embedder = Embedder(self.model_dir)
             return self._embedder
 
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
     async def warm_up(self) -> None:
         await asyncio.to_thread(lambda: self._model().embed(["warm up"]))
 

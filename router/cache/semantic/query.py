@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -99,10 +100,15 @@ def from_proto(kind: str, text: str | None, messages: list[dict] | None, chat_op
 
 def params_key(operation: str, context: object, params: SamplingParams, explicit_max_tokens: int | None) -> str:
     """The digest of everything a cached answer must share with the request besides the compared text."""
-    sampling = dataclasses.asdict(params)
+    sampling = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if isinstance(value, Mapping):  # logit_bias
+            value = sorted(value.items())
+        elif isinstance(value, (list, tuple)):
+            value = list(value)
+        sampling[f.name] = value
     sampling["max_tokens"] = explicit_max_tokens
-    if sampling.get("logit_bias"):
-        sampling["logit_bias"] = sorted(sampling["logit_bias"].items())
     doc = json.dumps([operation, context, sampling], sort_keys=True, default=list, separators=(",", ":"))
     return hashlib.sha256(doc.encode()).hexdigest()[:32]
 
