@@ -17,7 +17,9 @@ benchmarks/bench_semantic_cache.py):
              yesterday / tomorrow, ...)
   verbatim   quoted strings and code-like tokens (snake_case, a.b, f(x)) must be the same
 
-They err on the side of a miss: a miss costs one generation, a false hit a wrong answer.
+They err on the side of a miss: a miss costs one generation, a false hit a wrong answer. Known misses they cause:
+a question turned around with the same words ("Paris is in which country?" / "Which country is Paris in?": roles),
+aliases ("United States" / "US"), and negations that paraphrase ("little money" / "don't have much money").
 """
 from __future__ import annotations
 
