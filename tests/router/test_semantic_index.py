@@ -27,6 +27,7 @@ THRESHOLD = SemanticCacheConfig.similarity_threshold
     ("Cheap flights from London to Paris this week", "Any cheap flights from Paris to London this week?", "order"),
     ("Should I stretch before lifting weights?", "Should I stretch after lifting weights?", "antonyms"),
     ("How do I enable JavaScript in Chrome?", "How do I disable JavaScript in Chrome?", "antonyms"),
+    ("How do I zip a folder on a Mac?", "How do I unzip a folder on a Mac?", "antonyms"),
     ("What does os.path.join do?", "What does os.path.split do?", "verbatim"),
 ])
 def test_guards_tell_near_duplicates_apart_by_name(a, b, guard):

@@ -14,7 +14,7 @@ benchmarks/bench_semantic_cache.py):
   roles      the same content words in another order ("can a dog get fleas from a cat" vs "... a cat ... a dog")
   order      names and units that both mention appear in the same order ("from EUR to USD" vs "from USD to EUR")
   antonyms   one text must not hold a word whose opposite is in the other (increase / decrease, before / after,
-             yesterday / tomorrow, ...)
+             yesterday / tomorrow, ...; or the word with a reversing prefix: zip / unzip, lock / unlock)
   verbatim   quoted strings and code-like tokens (snake_case, a.b, f(x)) must be the same
 
 They err on the side of a miss: a miss costs one generation, a false hit a wrong answer. Known misses they cause:
@@ -96,7 +96,7 @@ _ANTONYM_PAIRS = [
     ("advantages pros benefits", "disadvantages cons drawbacks downsides"), ("true", "false"),
     ("faster fast quicker", "slower slow"), ("cheap cheaper cheapest", "expensive pricier"),
     ("internal", "external"), ("ascending", "descending"), ("lowercase", "uppercase"), ("client", "server"),
-    ("debit", "credit"), ("import", "export"), ("positive", "negative"), ("send sending", "receive receiving"),
+    ("debit", "credit"), ("show", "hide"), ("visible shown", "hidden"), ("follow", "unfollow"), ("import", "export"), ("positive", "negative"), ("send sending", "receive receiving"),
     ("sunrise", "sunset"), ("summer", "winter"), ("spring", "autumn fall"), ("uphill", "downhill"),
     ("borrow", "lend"), ("employer", "employee"), ("parent", "child"), ("teacher", "student"),
     ("landlord", "tenant"), ("wet", "dry"), ("compress", "decompress"), ("serialize", "deserialize"),
@@ -214,9 +214,20 @@ def conflict(a: str, b: str) -> str | None:
     for word in fb.antonym_words:
         if _ANTONYMS[word] & fa.words and word not in fa.words:
             return "antonyms"
+    if _reversed_by_prefix(fa.words, fb.words) or _reversed_by_prefix(fb.words, fa.words):
+        return "antonyms"
     if fa.verbatim != fb.verbatim:
         return "verbatim"
     return None
+
+
+# Prefixes that turn a word into its opposite: zip/unzip, lock/unlock, enable/disable, activate/deactivate.
+_REVERSING_PREFIXES = ("un", "dis", "de", "in", "im", "non", "anti")
+
+
+def _reversed_by_prefix(a: frozenset[str], b: frozenset[str]) -> bool:
+    """`b` holds a word of `a` with a reversing prefix, and not the word itself."""
+    return any(len(w) >= 3 and p + w in b and w not in b and p + w not in a for w in a for p in _REVERSING_PREFIXES)
 
 
 def _all_named(entities: frozenset[str], words: frozenset[str]) -> bool:
