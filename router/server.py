@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
 from router.cache.semantic import TENANT_METADATA, SemanticCache
+from router.cache.semantic.metrics import SemanticCacheMetrics
 from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
@@ -88,6 +89,7 @@ class Router:
         if self.model.content_special_tokens != config.chat_content_special_tokens:
             self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health)
+        self.telemetry.instruments(SemanticCacheMetrics)  # its series exist (at 0) with the cache off too
         self.semantic_cache = (SemanticCache(config.semantic_cache, config.redis_url, self.model.name, self.telemetry)
                                if config.semantic_cache is not None else None)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,

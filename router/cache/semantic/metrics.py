@@ -13,6 +13,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 LOOKUP_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 RESULTS = ("hit", "miss", "guarded", "skipped")
+STORE_STATUSES = ("stored", "redis_unavailable")
 
 
 class SemanticCacheMetrics:
@@ -30,6 +31,12 @@ class SemanticCacheMetrics:
             "tandem.router.semantic_cache.lookup.duration", unit="s",
             description="Embedding and index search of one opted-in request",
             explicit_bucket_boundaries_advisory=LOOKUP_BUCKETS_S)
+        # Zeros make the series exist before the first request (rate() and the dashboard see them), also on a
+        # router whose cache is off (Router.start creates these instruments either way).
+        for result in RESULTS:
+            self.lookups.add(0, {"result": result})
+        for status in STORE_STATUSES:
+            self.stores.add(0, {"status": status})
         self._entries: Callable[[], dict[str, int]] = dict
         meter.create_observable_gauge(
             "tandem.router.semantic_cache.entries", callbacks=[self._observe_entries], unit="{entry}",
