@@ -226,3 +226,20 @@ def metric(text: str, name: str, **labels) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+def test_the_deployment_switch_is_validated_by_name():
+    import argparse
+
+    from router import RouterConfig
+    from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
+
+    with pytest.raises(ValueError, match="^semantic_cache: needs redis_url"):
+        RouterConfig(registry_address="127.0.0.1:1", semantic_cache=SemanticCacheConfig())
+    with pytest.raises(ValueError, match=r"^semantic_cache.similarity_threshold: must be in \(0, 1\]"):
+        SemanticCacheConfig(similarity_threshold=1.5)
+    parser = argparse.ArgumentParser()
+    add_semantic_cache_arguments(parser)
+    assert semantic_cache_from_args(parser.parse_args([])) is None  # off by default
+    config = semantic_cache_from_args(parser.parse_args(["--semantic-cache", "--semantic-cache-threshold", "0.9"]))
+    assert config == SemanticCacheConfig(similarity_threshold=0.9)
