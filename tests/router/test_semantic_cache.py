@@ -216,7 +216,8 @@ def test_redis_down_requests_are_served_and_the_cache_goes_on_locally(cache_env)
     text = env.http.request("GET", "/metrics").read().decode()
     assert metric(text, "tandem_router_semantic_cache_stores_total", status="redis_unavailable") >= 1
     assert metric(text, "tandem_router_semantic_cache_lookups_total", result="hit") >= 1
-    assert metric(text, "tandem_router_semantic_cache_entries", tenant="default") == 1
+    assert metric(text, "tandem_router_semantic_cache_entries") == 1
+    assert metric(text, "tandem_router_semantic_cache_tenants") == 1
 
 
 def metric(text: str, name: str, **labels) -> float:

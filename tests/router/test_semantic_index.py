@@ -83,14 +83,16 @@ def test_index_answers_paraphrases_of_the_same_tenant_and_parameters_only(embedd
     assert index.lookup("a", "p", "how do I  reverse a list in python?", None, THRESHOLD, now=1.0).entry is stored
 
 
-def test_index_keeps_each_tenant_under_its_cap_oldest_first(embedder):
-    index = SemanticIndex(max_entries_per_tenant=2)
+def test_index_keeps_each_tenant_and_the_total_under_their_caps_oldest_first(embedder):
+    index = SemanticIndex(max_entries_per_tenant=2, max_entries=3)
     texts = ["What is photosynthesis?", "Why is the sky blue?", "How do magnets work?"]
     evicted = [index.add(entry(embedder, t, created_at=i)) for i, t in enumerate(texts)]
-    index.add(entry(embedder, "What is DNA?", tenant="b"))
     assert [e.prompt_text for e in evicted[2]] == ["What is photosynthesis?"]
-    assert index.num_entries("a") == 2 and index.num_entries("b") == 1
     assert ("a", "What is photosynthesis?") not in index
+    evicted = index.add(entry(embedder, "What is DNA?", tenant="b"))
+    evicted += index.add(entry(embedder, "What is RNA?", tenant="c"))
+    assert [e.prompt_text for e in evicted] == ["Why is the sky blue?"]  # the oldest of all tenants
+    assert index.num_entries("a") == 1 and index.num_entries("b") == 1 and index.num_entries() == 3
 
 
 def test_redis_holds_the_entries_a_new_cache_rebuilds_and_the_cap_trims(redis_url, embedder):

@@ -64,11 +64,11 @@ class SemanticCache:
         self.model_name = model_name
         # Background use only (never on a request's path): a longer timeout than the default's 100 ms.
         self.store = RedisStore(StoreConfig(redis_url, socket_timeout_s=1.0))
-        self.index = SemanticIndex(config.max_entries_per_tenant)
+        self.index = SemanticIndex(config.max_entries_per_tenant, config.max_entries)
         self.embedder = embedder or BatchingEmbedder(timeout_s=config.embed_timeout_s)
         self.metrics = telemetry.instruments(SemanticCacheMetrics) if telemetry is not None else None
         if self.metrics is not None:
-            self.metrics.observe_entries(lambda: {t: self.index.num_entries(t) for t in self.index.tenants})
+            self.metrics.observe_entries(lambda: (self.index.num_entries(), len(self.index.tenants)))
         self._model_key = quote(model_name, safe="")
         self._log_key = self.store.key("semcache_log", self._model_key)
         self._last_id: bytes | None = None  # the stream entry read last; None until rebuilt

@@ -13,7 +13,9 @@ class SemanticCacheConfig:
         its paraphrases hit and none of its hard negatives (0.80: 88% and 0%; 0.85: 77% and 0%); see
         benchmarks/bench_semantic_cache.py.
     ttl_s: how long an entry lives (Redis PX and the index).
-    max_entries_per_tenant: the oldest entries of a tenant go past it.
+    max_entries_per_tenant: the oldest entries of a tenant go past it (in Redis and in each router).
+    max_entries: the most one router's index holds over all tenants (the oldest go first); with auth off any
+        X-Tenant-Id is a tenant.
     poll_interval_s: how often a router reads other routers' writes.
     embed_timeout_s: a lookup waits at most this for its embedding, then the request goes on as a miss.
     """
@@ -21,6 +23,7 @@ class SemanticCacheConfig:
     similarity_threshold: float = 0.82
     ttl_s: float = 24 * 3600.0
     max_entries_per_tenant: int = 10_000
+    max_entries: int = 100_000
     poll_interval_s: float = 0.5
     embed_timeout_s: float = 1.0
 
@@ -30,6 +33,9 @@ class SemanticCacheConfig:
         for name in ("ttl_s", "poll_interval_s", "embed_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"semantic_cache.{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_entries < self.max_entries_per_tenant:
+            raise ValueError(f"semantic_cache.max_entries: must be >= max_entries_per_tenant "
+                             f"({self.max_entries_per_tenant}), got {self.max_entries}")
         if self.max_entries_per_tenant < 1:
             raise ValueError(f"semantic_cache.max_entries_per_tenant: must be >= 1, got {self.max_entries_per_tenant}")
 

@@ -82,22 +82,24 @@ class BatchingEmbedder:
         self.max_pending = max_pending
         self.timeout_s = timeout_s
         self._embedder: Embedder | None = None
-        self._load_lock = threading.Lock()
+        # One embedding at a time: a fast tokenizer with padding/truncation set fails when called concurrently
+        # ("Already borrowed"), and the warm-up runs beside the first batches.
+        self._lock = threading.Lock()
         self._pending: list[tuple[str, asyncio.Future]] = []
         self._running = False
 
-    def _model(self) -> Embedder:
-        with self._load_lock:
+    def _embed_sync(self, texts: list[str]) -> np.ndarray:
+        with self._lock:
             if self._embedder is None:
                 self._embedder = Embedder(self.model_dir)
-            return self._embedder
+            return self._embedder.embed(texts)
 
     @property
     def loaded(self) -> bool:
         return self._embedder is not None
 
     async def warm_up(self) -> None:
-        await asyncio.to_thread(lambda: self._model().embed(["warm up"]))
+        await asyncio.to_thread(self._embed_sync, ["warm up"])
 
     async def embed(self, text: str) -> np.ndarray:
         """One text's normalized embedding, float32 [384]."""
@@ -119,7 +121,7 @@ class BatchingEmbedder:
                 batch, self._pending = self._pending[:self.max_batch_size], self._pending[self.max_batch_size:]
                 texts = [text for text, _ in batch]
                 try:
-                    vectors = await asyncio.to_thread(lambda: self._model().embed(texts))
+                    vectors = await asyncio.to_thread(self._embed_sync, texts)
                 except Exception as e:  # a broken model fails these lookups, not the requests
                     log.exception("semantic cache: embedding failed")
                     for _, future in batch:

@@ -76,12 +76,15 @@ class _Group:
 
 
 class SemanticIndex:
-    """Entries by tenant and parameters key; at most `max_entries_per_tenant` per tenant (the oldest go first)."""
+    """Entries by tenant and parameters key; at most `max_entries_per_tenant` per tenant and `max_entries` in all
+    (with auth off, X-Tenant-Id can name any number of tenants); the oldest go first."""
 
-    def __init__(self, max_entries_per_tenant: int):
+    def __init__(self, max_entries_per_tenant: int, max_entries: int | None = None):
         self.max_entries_per_tenant = max_entries_per_tenant
+        self.max_entries = max_entries or max_entries_per_tenant
         self._groups: dict[tuple[str, str], _Group] = {}
         self._by_tenant: dict[str, OrderedDict[str, CacheEntry]] = {}
+        self._all: OrderedDict[tuple[str, str], CacheEntry] = OrderedDict()  # insertion order, every tenant
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         """(tenant, entry_id) is indexed."""
@@ -91,7 +94,7 @@ class SemanticIndex:
     def num_entries(self, tenant: str | None = None) -> int:
         if tenant is not None:
             return len(self._by_tenant.get(tenant, ()))
-        return sum(len(entries) for entries in self._by_tenant.values())
+        return len(self._all)
 
     @property
     def tenants(self) -> list[str]:
@@ -102,12 +105,16 @@ class SemanticIndex:
         self.remove(entry.tenant, entry.entry_id)
         entries = self._by_tenant.setdefault(entry.tenant, OrderedDict())
         entries[entry.entry_id] = entry
+        self._all[(entry.tenant, entry.entry_id)] = entry
         self._groups.setdefault((entry.tenant, entry.params_key), _Group()).add(entry)
         evicted = []
+        # Insertion order is age order: callers add entries oldest first.
         while len(entries) > self.max_entries_per_tenant:
-            oldest = next(iter(entries.values()))  # insertion order: callers add entries oldest first
-            self.remove(oldest.tenant, oldest.entry_id)
-            evicted.append(oldest)
+            evicted.append(next(iter(entries.values())))
+            self.remove(entry.tenant, evicted[-1].entry_id)
+        while len(self._all) > self.max_entries:
+            evicted.append(next(iter(self._all.values())))
+            self.remove(evicted[-1].tenant, evicted[-1].entry_id)
         return evicted
 
     def remove(self, tenant: str, entry_id: str) -> None:
@@ -115,6 +122,7 @@ class SemanticIndex:
         entry = entries.pop(entry_id, None) if entries is not None else None
         if entry is None:
             return
+        del self._all[(tenant, entry_id)]
         group = self._groups[(tenant, entry.params_key)]
         group.remove(entry_id)
         if not group.entries:
@@ -123,7 +131,7 @@ class SemanticIndex:
             del self._by_tenant[tenant]
 
     def remove_expired(self, now: float) -> int:
-        expired = [e for entries in self._by_tenant.values() for e in entries.values() if e.expires_at <= now]
+        expired = [e for e in self._all.values() if e.expires_at <= now]
         for e in expired:
             self.remove(e.tenant, e.entry_id)
         return len(expired)

@@ -3,13 +3,15 @@
                                                        | skipped (no embedding in time: the request went on without)
   tandem_router_semantic_cache_stores_total{status}    stored | redis_unavailable (kept in this router only)
   tandem_router_semantic_cache_lookup_duration_seconds embedding plus index search, per opted-in request
-  tandem_router_semantic_cache_entries{tenant}         entries this router's index holds
+  tandem_router_semantic_cache_entries                 entries this router's index holds
+  tandem_router_semantic_cache_tenants                 tenants with entries there (no tenant label: with auth off any
+                                                       X-Tenant-Id is a tenant, an unbounded label)
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Meter, Observation
 
 LOOKUP_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 RESULTS = ("hit", "miss", "guarded", "skipped")
@@ -37,14 +39,14 @@ class SemanticCacheMetrics:
             self.lookups.add(0, {"result": result})
         for status in STORE_STATUSES:
             self.stores.add(0, {"status": status})
-        self._entries: Callable[[], dict[str, int]] = dict
+        self._counts: Callable[[], tuple[int, int]] = lambda: (0, 0)
         meter.create_observable_gauge(
-            "tandem.router.semantic_cache.entries", callbacks=[self._observe_entries], unit="{entry}",
-            description="Entries in this router's semantic cache index, by tenant")
+            "tandem.router.semantic_cache.entries", callbacks=[lambda options: [Observation(self._counts()[0])]],
+            unit="{entry}", description="Entries in this router's semantic cache index")
+        meter.create_observable_gauge(
+            "tandem.router.semantic_cache.tenants", callbacks=[lambda options: [Observation(self._counts()[1])]],
+            unit="{tenant}", description="Tenants with entries in this router's semantic cache index")
 
-    def observe_entries(self, counts: Callable[[], dict[str, int]]) -> None:
-        """Where the entries gauge reads its values (the running cache's index)."""
-        self._entries = counts
-
-    def _observe_entries(self, options: CallbackOptions):
-        return [Observation(n, {"tenant": tenant}) for tenant, n in self._entries().items()]
+    def observe_entries(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Where the gauges read (entries, tenants): the running cache's index."""
+        self._counts = counts
