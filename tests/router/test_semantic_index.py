@@ -57,13 +57,18 @@ def entry(embedder, text: str, tenant: str = "a", params_key: str = "p", created
                       "stop", 7, created_at, created_at + ttl_s)
 
 
-def test_embeddings_are_normalized_and_match_sentence_transformers_shape(embedder):
-    vectors = embedder.embed(["How do I reverse a list in Python?", "What's the way to reverse a Python list?",
-                              "How do I bake sourdough bread?"])
+def test_embeddings_are_normalized_and_the_fast_path_matches_the_eager_model(embedder):
+    texts = ["How do I reverse a list in Python?", "What's the way to reverse a Python list?",
+             "How do I bake sourdough bread?"]
+    vectors = embedder.embed(texts)
     assert vectors.shape == (3, EMBEDDING_DIM) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     sims = vectors @ vectors.T
     assert sims[0, 1] > THRESHOLD > sims[0, 2]
+    # A text embedded alone or in a padded batch, traced or eager: the same vector.
+    eager = Embedder(trace=False)
+    assert np.allclose(eager.embed(texts), vectors, atol=1e-5)
+    assert np.allclose(embedder.embed(texts[2:]), vectors[2:], atol=1e-5)
 
 
 def test_index_answers_paraphrases_of_the_same_tenant_and_parameters_only(embedder):

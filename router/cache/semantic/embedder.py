@@ -12,6 +12,7 @@ import asyncio
 import importlib.util
 import logging
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ class Embedder:
     """all-MiniLM-L6-v2 on the CPU: `embed(texts)` -> float32 [len(texts), 384], rows L2-normalized (so a dot
     product is the cosine similarity). Not thread-safe: one caller at a time (BatchingEmbedder's thread)."""
 
-    def __init__(self, model_dir: Path | None = None, num_threads: int = 1):
+    def __init__(self, model_dir: Path | None = None, num_threads: int = 1, trace: bool = True):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -55,15 +56,55 @@ class Embedder:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self._forward = self._eager
+        if trace:
+            self._forward = self._traced_or_eager()
+
+    def _eager(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _traced_or_eager(self):
+        """A TorchScript trace of the encoder (about a third less time per sentence on a small CPU: fewer Python
+        dispatches), used only when it gives the eager model's embeddings on probe texts of other lengths and in
+        a padded batch; the eager model otherwise."""
+        torch = self._torch
+        probe = self.tokenizer(["warm up"], return_tensors="pt")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python values
+                traced = torch.jit.trace(self.model, (probe["input_ids"], probe["attention_mask"]), strict=False,
+                                         check_trace=False)
+                traced = torch.jit.freeze(traced.eval())
+
+            def forward(input_ids, attention_mask):
+                return traced(input_ids, attention_mask)["last_hidden_state"]
+
+            texts = ["How do I reverse a list in Python?", "Why?",
+                     "What is the difference between a Roth IRA and a traditional IRA, and which one suits me?"]
+            for batch in ([texts[0]], texts):
+                tokens = self.tokenizer(batch, padding=True, return_tensors="pt")
+                with torch.inference_mode():
+                    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+                    want, got = self._pool(self._eager(ids, mask), mask), self._pool(forward(ids, mask), mask)
+                if not torch.allclose(want, got, atol=1e-5):
+                    raise ValueError(f"the trace differs from the model by {(want - got).abs().max():.2e}")
+        except Exception as e:  # an unusual torch or transformers version: the eager model is always right
+            log.info("semantic cache: embedding with the eager model (trace not used: %s)", e)
+            return self._eager
+        return forward
+
+    def _pool(self, hidden, attention_mask):
+        """Mean over the real tokens (1_Pooling/config.json: pooling_mode_mean_tokens), then L2 (2_Normalize)."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [batch, seq, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return self._torch.nn.functional.normalize(pooled, p=2, dim=1)  # [batch, 384]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state  # [batch, seq, 384]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [batch, seq, 1]
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            hidden = self._forward(batch["input_ids"], batch["attention_mask"])  # [batch, seq, 384]
+            pooled = self._pool(hidden, batch["attention_mask"])
         return pooled.numpy().astype(np.float32, copy=False)
 
 
