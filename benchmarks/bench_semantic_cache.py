@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import http.client
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -209,7 +208,8 @@ def run_router(args, out_dir: Path) -> dict:
 
 
 def markdown(acc: list[dict], holdout: list[dict], ttft: dict | None, chosen: float) -> str:
-    lines = [f"{EVAL_SET.name}:", "", "| threshold | guards | paraphrase hits (pairwise) | false hits on negatives | paraphrase own hits "
+    lines = [f"{EVAL_SET.name}:", "",
+             "| threshold | guards | paraphrase hits (pairwise) | false hits on negatives | paraphrase own hits "
              "(shared index) | other-entry hits (shared) |", "|---|---|---|---|---|---|"]
     for a in acc:
         mark = " (default)" if a["threshold"] == chosen and a["guards"] else ""
@@ -223,7 +223,8 @@ def markdown(acc: list[dict], holdout: list[dict], ttft: dict | None, chosen: fl
         lines += ["", "Shared-index hits on another entry (read them: a hit on a true paraphrase is right):", ""]
         lines += [f"- {x}" for x in default["shared_other_examples"]]
     for a in holdout:
-        lines.append(f"\n{HOLDOUT_SET.name} (held out) at {a['threshold']:.2f}, guards {'on' if a['guards'] else 'off'}: "
+        guards = "on" if a["guards"] else "off"
+        lines.append(f"\n{HOLDOUT_SET.name} (held out) at {a['threshold']:.2f}, guards {guards}: "
                      f"paraphrase hits {a['paraphrase_hit_rate']:.1%}, false hits on negatives "
                      f"{a['negative_false_hit_rate']:.1%}")
     if ttft is not None:

@@ -185,8 +185,9 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     if priority is not None and not _INT32[0] <= priority <= _INT32[1]:
         raise bad_request(f"priority: must be in [{_INT32[0]}, {_INT32[1]}], got {priority}")
     headers = headers or {}
-    query = semantic.from_openai(body, operation, params, params.max_tokens if operation == COMPLETION else sent_max_tokens,
-                                 headers.get(semantic.OPT_IN_HEADER), headers.get(semantic.TENANT_HEADER))
+    keyed_max_tokens = params.max_tokens if operation == COMPLETION else sent_max_tokens  # chat's default varies
+    query = semantic.from_openai(body, operation, params, keyed_max_tokens, headers.get(semantic.OPT_IN_HEADER),
+                                 headers.get(semantic.TENANT_HEADER))
     inp = GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=priority,
                         semantic=query)
     return OpenAIRequest(operation=operation, inp=inp, stream=stream, include_usage=stream and include_usage,

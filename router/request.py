@@ -229,6 +229,7 @@ class GenerateCall:
     async def _answer_from_cache(self, entry) -> None:
         """A semantic cache hit: the cached tokens as one chunk and the Complete; no worker is touched."""
         self.semantic_cache_hit = True
+        self.span.set_attribute("tandem.semantic_cache.hit", True)
         if self.s.limits is not None:  # a hit still counts against the tenant's limits
             self._reservation = self.s.limits.acquire(self.tenant, len(self.prompt), len(entry.token_ids))
         finish = pb.FINISH_REASON_STOP if entry.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
@@ -515,7 +516,7 @@ class GenerateCall:
             error_type, error_message = "worker_error", "the worker reported an error while generating"
         ttft_s = self.first_token_at - self.arrival if self.first_token_at is not None else None
         num_output = len(self.output_ids)
-        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at:
+        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at is not None:
             self.s.admission.record_finished(self.s.pool.decode_pool, num_output,
                                              (now - self.first_token_at) / (num_output - 1))
         if self.metrics is not None:
@@ -551,7 +552,7 @@ class GenerateCall:
         if self.dispatched_at is not None:  # it reached a worker: its tokens were spent
             m.token_usage.record(len(self.prompt), {**attrs, "gen_ai.token.type": "input"})
             m.token_usage.record(num_output, {**attrs, "gen_ai.token.type": "output"})
-        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at:
+        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at is not None:
             m.time_per_output_token.record((now - self.first_token_at) / (num_output - 1), attrs)
 
     # --- helpers ----------------------------------------------------------------------------------------------

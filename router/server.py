@@ -19,9 +19,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from router.admission import Admission
+from router.auth import AuthInterceptor, grpc_tenant
 from router.cache.semantic import TENANT_METADATA, SemanticCache
 from router.cache.semantic.metrics import SemanticCacheMetrics
-from router.auth import AuthInterceptor, grpc_tenant
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
