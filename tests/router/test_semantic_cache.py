@@ -3,6 +3,8 @@ both fronts with no worker touched, hard negatives that miss, tenants that never
 refusals by name, entries shared between routers through Redis, and a dead Redis that fails no request."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -244,3 +246,27 @@ def test_the_deployment_switch_is_validated_by_name():
     assert semantic_cache_from_args(parser.parse_args([])) is None  # off by default
     config = semantic_cache_from_args(parser.parse_args(["--semantic-cache", "--semantic-cache-threshold", "0.9"]))
     assert config == SemanticCacheConfig(similarity_threshold=0.9)
+
+
+def test_after_redis_returns_answers_are_written_there_again(cache_env):
+    import redis as redis_py
+
+    server = EmbeddedRedis()
+    url = server.start()
+    try:
+        env = cache_env(url)
+        wait_for(lambda: env.router.semantic_cache.ready, 60, "the model and the rebuild")
+        server.stop()
+        assert ask(env, QUESTION)[0]["X-Semantic-Cache"] == "miss"  # served; kept in this router only
+        server.start()  # the same port, empty
+        client = redis_py.Redis.from_url(url)
+
+        def stored_in_redis() -> bool:
+            # Each answer is a new entry: ask new questions until one reaches Redis (the breaker's probe first).
+            ask(env, f"{NEGATIVE} Version {time.monotonic_ns()}.")
+            return bool(client.keys("tandem:semcache:*"))
+
+        wait_for(stored_in_redis, 10, "a write to the restarted redis")
+        client.close()
+    finally:
+        server.stop()
