@@ -13,6 +13,7 @@ import sys
 import grpc
 
 from loadtest import cli as loadtest_cli
+from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
 from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem import tls
 from tandem.redis_store import EmbeddedRedis, StoreConfig
@@ -62,6 +63,7 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-policy", choices=("cache_aware", "load"), default="cache_aware",
                    help="cache_aware: least prefill work ahead of the first token, from the global prefix index; "
                         "load: queued tokens and free blocks only (default %(default)s)")
+    add_semantic_cache_arguments(p)
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
@@ -97,6 +99,7 @@ def _up(args) -> int:
         tls.front_from_args(args)  # used by the router
         if args.redis_url is not None:
             StoreConfig(args.redis_url)
+        semantic_cache = semantic_cache_from_args(args)
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -137,6 +140,7 @@ def _up(args) -> int:
                           ssl_cert_reqs=args.ssl_cert_reqs)
     router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
     router_options["routing_policy"] = args.routing_policy
+    router_options["semantic_cache"] = semantic_cache
     return asyncio.run(serve(config, args.host, args.port, router_options))
 
 

@@ -7,6 +7,7 @@ from functools import cached_property
 from tandem.redis_store.client import StoreConfig
 from tandem.tls import TLSConfig
 
+from router.cache.semantic.config import SemanticCacheConfig
 from router.tenants import TenancyConfig
 
 MODES = ("disaggregated", "colocated")
@@ -76,6 +77,8 @@ class RouterConfig:
     # more than balance_rel_threshold times as many.
     balance_abs_threshold: int = 8
     balance_rel_threshold: float = 1.5
+    # The semantic response cache (router/cache/semantic/), for requests that opt in; None: off. Needs redis_url.
+    semantic_cache: SemanticCacheConfig | None = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,6 +91,8 @@ class RouterConfig:
             raise ValueError(f"balance_rel_threshold: must be >= 1, got {self.balance_rel_threshold}")
         if self.redis_url is not None:
             StoreConfig(self.redis_url)  # checks the URL's scheme
+        if self.semantic_cache is not None and self.redis_url is None:
+            raise ValueError("semantic_cache: needs redis_url (the cache's entries live in Redis)")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format: must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not self.host:

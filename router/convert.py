@@ -14,6 +14,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from router.cache.semantic.query import SemanticQuery, from_proto as semantic_query_from_proto
 from router.errors import RouterError
 from router.model import ServedModel
 from tandem.v1 import generation_pb2 as pb
@@ -39,6 +40,7 @@ class GenerateInput:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int | None  # None: not sent (the tenant's priority applies)
+    semantic: SemanticQuery | None = None  # the request opted in to the semantic cache (router/cache/semantic/)
 
 
 def new_request_id() -> str:
@@ -81,7 +83,9 @@ def check_known_fields(msg: Message, path: str = "") -> None:
             check_known_fields(value, name)
 
 
-def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: ServedModel) -> GenerateInput:
+def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: ServedModel,
+                              tenant_id: str | None = None) -> GenerateInput:
+    """`tenant_id`: the x-tenant-id metadata (the semantic cache's scope when auth is off)."""
     check_known_fields(msg)
     check_model(msg.model, model)
     try:
@@ -102,8 +106,16 @@ def generate_input_from_proto(msg: pb.GenerateRequest, request_id: str, model: S
         prompt = _encode(kind, msg, model)
     if not prompt:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "input: the prompt is empty")
+    semantic = None
+    if msg.semantic_cache:
+        messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages] if kind == "chat" else None
+        options = ([msg.chat.add_generation_prompt if msg.chat.HasField("add_generation_prompt") else None,
+                    msg.chat.continue_final_message, json_format.MessageToDict(msg.chat.chat_template_kwargs)]
+                   if kind == "chat" else None)
+        semantic = semantic_query_from_proto(kind, msg.text if kind == "text" else None, messages, options, params,
+                                             tenant_id)
     return GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params,
-                         priority=msg.priority if msg.HasField("priority") else None)
+                         priority=msg.priority if msg.HasField("priority") else None, semantic=semantic)
 
 
 def check_vocabulary(params: SamplingParams, model: ServedModel, prefix: str = "") -> None:

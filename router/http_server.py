@@ -19,6 +19,7 @@ import grpc
 from aiohttp import web
 
 from router.auth import TENANT, http_middleware
+from router.cache.semantic import OPT_IN_HEADER
 from router.convert import MAX_TIMEOUT_S, check_request_id, new_request_id
 from router.errors import RouterError
 from router.openai_api import (CHAT, COMPLETION, OpenAIRequest, ResponseBuilder, error_body, new_response_id,
@@ -121,7 +122,7 @@ class OpenAIServer:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
             time_remaining = _time_remaining(request)
             body = await _read_json(request)
-            req = parse_request(body, operation, request_id, router.model, router.pool.max_model_len())
+            req = parse_request(body, operation, request_id, router.model, router.pool.max_model_len(), request.headers)
             builder = ResponseBuilder(req, request_id, router.model)
             # W3C trace context; header names lowercased as gRPC metadata keys are.
             carrier = {k.lower(): v for k, v in request.headers.items()}
@@ -161,6 +162,13 @@ class OpenAIServer:
             return _error(500, f"router: {type(e).__name__}: {e}", {REQUEST_ID_HEADER: request_id})
 
 
+def _semantic_cache_header(call: GenerateCall, headers: dict) -> dict:
+    """X-Semantic-Cache: hit or miss, for a request that opted in to the semantic cache."""
+    if call.semantic_query is None:
+        return headers
+    return {**headers, OPT_IN_HEADER: "hit" if call.semantic_cache_hit else "miss"}
+
+
 async def _respond(builder: ResponseBuilder, call: Callable[..., GenerateCall], headers: dict) -> web.Response:
     completes: list[pb.Complete] = []
 
@@ -170,9 +178,10 @@ async def _respond(builder: ResponseBuilder, call: Callable[..., GenerateCall], 
         else:
             completes.append(msg.complete)
 
-    await call(send).run()
+    generate = call(send)
+    await generate.run()
     builder.finish(completes[-1])
-    return web.json_response(builder.response(), headers=headers)
+    return web.json_response(builder.response(), headers=_semantic_cache_header(generate, headers))
 
 
 async def _stream(request: web.Request, req: OpenAIRequest, builder: ResponseBuilder,
@@ -185,7 +194,8 @@ async def _stream(request: web.Request, req: OpenAIRequest, builder: ResponseBui
     get a plain error response with its status; after it, an error event.
     """
     queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(_produce(call(queue.put), queue))
+    generate = call(queue.put)
+    task = asyncio.create_task(_produce(generate, queue))
     response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     try:
         while True:
@@ -195,6 +205,7 @@ async def _stream(request: web.Request, req: OpenAIRequest, builder: ResponseBui
             if not response.prepared:
                 if isinstance(batch[0], RouterError):
                     return _router_error(batch[0], req.operation, headers)
+                response.headers.update(_semantic_cache_header(generate, {}))  # known by the first message
                 await response.prepare(request)
                 if builder.chat:
                     await _event(response, builder.stream_chunk(builder.role_choice()))

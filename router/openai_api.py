@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
 
+from router.cache.semantic import query as semantic
 from router.convert import CHAT_ROLES, GenerateInput, check_model, check_vocabulary, encode_prompt
 from router.errors import RouterError
 from router.model import ServedModel
@@ -55,6 +56,7 @@ _BOOL_FIELDS = ("ignore_eos", "include_stop_str_in_output")
 # no tools); other values are refused by name. `user` is refused: tandem keeps no per-user records.
 _COMMON_FIELDS = frozenset({
     "model", "stream", "stream_options", "max_tokens", "logprobs", "stop", "stop_token_ids", "logit_bias", "priority",
+    semantic.FIELD,
     *_FLOAT_FIELDS, *_INT_FIELDS, *_BOOL_FIELDS})
 FIELDS = {
     COMPLETION: _COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"},
@@ -115,9 +117,9 @@ def router_error_body(e: RouterError, operation: str) -> tuple[int, dict]:
 # --- requests -----------------------------------------------------------------------------------------------
 
 def parse_request(body: object, operation: str, request_id: str, model: ServedModel,
-                  max_model_len: int | None) -> OpenAIRequest:
+                  max_model_len: int | None, headers: Mapping[str, str] | None = None) -> OpenAIRequest:
     """Validate a request body; `max_model_len` (the live workers' smallest context, None without any) bounds a
-    chat completion's default max_tokens."""
+    chat completion's default max_tokens. `headers`: the semantic cache's opt-in and tenant headers."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_json_type(body)}")
     _check_known(body, FIELDS[operation], "")
@@ -153,6 +155,7 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     max_tokens = _get(body, "max_completion_tokens", _is_int, "an integer")
     if max_tokens is None:
         max_tokens = _get(body, "max_tokens", _is_int, "an integer")
+    sent_max_tokens = max_tokens
     if max_tokens is None:
         if operation == CHAT and max_model_len:
             # The wire has no "up to the context": ask for the rest of it (a prompt too long fails later).
@@ -181,7 +184,12 @@ def parse_request(body: object, operation: str, request_id: str, model: ServedMo
     priority = _get(body, "priority", _is_int, "an integer")
     if priority is not None and not _INT32[0] <= priority <= _INT32[1]:
         raise bad_request(f"priority: must be in [{_INT32[0]}, {_INT32[1]}], got {priority}")
-    inp = GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=priority)
+    headers = headers or {}
+    keyed_max_tokens = params.max_tokens if operation == COMPLETION else sent_max_tokens  # chat's default varies
+    query = semantic.from_openai(body, operation, params, keyed_max_tokens, headers.get(semantic.OPT_IN_HEADER),
+                                 headers.get(semantic.TENANT_HEADER))
+    inp = GenerateInput(request_id=request_id, prompt_token_ids=prompt, params=params, priority=priority,
+                        semantic=query)
     return OpenAIRequest(operation=operation, inp=inp, stream=stream, include_usage=stream and include_usage,
                          continuous_usage=stream and include_usage and continuous_usage, num_logprobs=num_logprobs)
 
@@ -408,6 +416,8 @@ class ResponseBuilder:
             raise RouterError(grpc.StatusCode.INTERNAL, f"the request failed: {detail}")
         u = complete.usage
         self.usage = _usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        if self.req.inp.semantic is not None:  # opted in: say whether the semantic cache answered
+            self.usage["semantic_cache_hit"] = u.semantic_cache_hit
         self.finish_reason = reason
         if not self.chat and self.req.num_logprobs is not None:
             self._flush_pending()

@@ -38,6 +38,7 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from router.admission import Admission
+from router.cache.semantic import SemanticCache, open_lookup
 from router.config import RouterConfig
 from router.convert import GenerateInput
 from router.errors import RouterError
@@ -77,6 +78,8 @@ class RouterServices:
     telemetry: Telemetry | None = None
     # Per-tenant token buckets (router/limits.py); None: no limits.
     limits: TenantLimits | None = None
+    # The semantic response cache (router/cache/semantic/); None: off on this router.
+    semantic_cache: SemanticCache | None = None
 
 
 class _Outcome(enum.Enum):
@@ -117,6 +120,10 @@ class GenerateCall:
         self.blocks = PromptBlocks(self.prompt, services.pool.model_name)
         self.prompt_route: Route | None = None
         self.prompt_pool = ""
+        # The semantic cache, when the request opted in: its query, its lookup, whether it answered.
+        self.semantic_query = inp.semantic
+        self.semantic = None
+        self.semantic_cache_hit = False
         self.max_model_len = 0
         # Worker-side ids are unique per call: a fallback on the same worker must not collide with the call it
         # replaces, and two clients may pick the same request_id.
@@ -150,6 +157,10 @@ class GenerateCall:
         error_type = error_message = None
         try:
             await self._run()
+            if self.semantic is not None and not self.semantic_cache_hit:
+                self.s.semantic_cache.remember(self.semantic, self.output_ids, self.detok.output_text,
+                                               FINISH_REASON_NAMES.get(self.finish_reason, ""), len(self.prompt),
+                                               self.s.spawn)
         except RouterError as e:
             error_type, error_message = e.code.name, e.message
             raise
@@ -172,6 +183,11 @@ class GenerateCall:
         decode_pool = pool.decode_pool
         prompt_len = len(self.prompt)
         self.priority = self.tenant.request_priority(self.priority)
+        if self.semantic_query is not None:
+            self.semantic = await open_lookup(self.s.semantic_cache, self.semantic_query, self.params, self.tenant)
+            if self.semantic.hit is not None:
+                await self._answer_from_cache(self.semantic.hit)
+                return
         local = config.mode == "colocated" or prompt_len < config.max_local_prefill_length
         if not local and not pool.num_live("prefill") and pool.num_live(decode_pool):
             # Every prefill worker is down or stalled: the decode worker prefills (slower, but served).
@@ -220,6 +236,15 @@ class GenerateCall:
                 if await self._emit(resp.token_ids, resp.logprobs, resp.finish_reason):
                     return
         await self._decode(decode_route or pool.choose_decode(prompt=self.blocks), kv)
+
+    async def _answer_from_cache(self, entry) -> None:
+        """A semantic cache hit: the cached tokens as one chunk and the Complete; no worker is touched."""
+        self.semantic_cache_hit = True
+        self.span.set_attribute("tandem.semantic_cache.hit", True)
+        if self.s.limits is not None:  # a hit still counts against the tenant's limits
+            self._reservation = self.s.limits.acquire(self.tenant, len(self.prompt), len(entry.token_ids))
+        finish = pb.FINISH_REASON_STOP if entry.finish_reason == "stop" else pb.FINISH_REASON_LENGTH
+        await self._emit(list(entry.token_ids), [], finish)
 
     async def _match_prefix(self, worker: WorkerHandle) -> int:
         """How much of the prompt `worker` caches; 0 when it does not answer in time (it is only a hint)."""
@@ -451,7 +476,7 @@ class GenerateCall:
         complete = pb.Complete(
             finish_reason=finish_reason,
             usage=pb.Usage(prompt_tokens=len(self.prompt), completion_tokens=len(self.output_ids),
-                           cached_tokens=self.num_cached_tokens),
+                           cached_tokens=self.num_cached_tokens, semantic_cache_hit=self.semantic_cache_hit),
             timings=self._timings(),
         )
         if stop_str is not None:
@@ -517,7 +542,7 @@ class GenerateCall:
             error_type, error_message = "worker_error", "the worker reported an error while generating"
         ttft_s = self.first_token_at - self.arrival if self.first_token_at is not None else None
         num_output = len(self.output_ids)
-        if error_type is None and self.first_token_at is not None and num_output > 1:
+        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at is not None:
             self.s.admission.record_finished(self.s.pool.decode_pool, num_output,
                                              (now - self.first_token_at) / (num_output - 1))
         if self.metrics is not None:
@@ -559,7 +584,7 @@ class GenerateCall:
             m.prefix_cache_prompt_tokens.add(len(self.prompt), pool)
             m.prefix_cache_cached_tokens.add(self.num_cached_tokens, pool)
             m.prefix_cache_predicted_tokens.add(self.prompt_route.num_cached_tokens or 0, pool)
-        if error_type is None and self.first_token_at is not None and num_output > 1:
+        if error_type is None and self.first_token_at is not None and num_output > 1 and self.dispatched_at is not None:
             m.time_per_output_token.record((now - self.first_token_at) / (num_output - 1), attrs)
 
     # --- helpers ----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from router.admission import Admission
 from router.auth import AuthInterceptor, grpc_tenant
 from router.cache.kv_events_follower import KVEventsFollower
 from router.cache.prefix_index import PrefixIndex
+from router.cache.semantic import TENANT_METADATA, SemanticCache
+from router.cache.semantic.metrics import SemanticCacheMetrics
 from router.config import RouterConfig
 from router.convert import check_request_id, generate_input_from_proto, new_request_id, prompt_from_tokenize_request
 from router.errors import RouterError
@@ -73,6 +75,7 @@ class Router:
         self.admission = Admission(config.pools, config.max_queued_requests, config.max_queue_time_s)
         self.keys = KeyStore(config.tenancy)
         self.services: RouterServices | None = None
+        self.semantic_cache: SemanticCache | None = None
         self.num_active = 0
         self._server: grpc.aio.Server | None = None
         self._http: OpenAIServer | None = None
@@ -101,8 +104,11 @@ class Router:
             self.model = dataclasses.replace(self.model, content_special_tokens=config.chat_content_special_tokens)
         self.pool = WorkerPool(config, self.model.name, on_change=self._update_health,
                                prefix_index=self.prefix_index)
+        self.telemetry.instruments(SemanticCacheMetrics)  # its series exist (at 0) with the cache off too
+        self.semantic_cache = (SemanticCache(config.semantic_cache, config.redis_url, self.model.name, self.telemetry)
+                               if config.semantic_cache is not None else None)
         self.services = RouterServices(config, self.model, self.pool, self.admission, self._spawn, self.telemetry,
-                                       limits=TenantLimits())
+                                       limits=TenantLimits(), semantic_cache=self.semantic_cache)
         # SO_REUSEPORT off: a second router on a taken port must fail, not share it.
         # grpc refuses a message over its receive limit with RESOURCE_EXHAUSTED, which clients read as "queue full,
         # retry": the limit is set above MAX_BODY_BYTES so that the parser below refuses those as INVALID_ARGUMENT.
@@ -135,6 +141,8 @@ class Router:
                 index=self.prefix_index)
             PrefixIndexMetrics(self.telemetry.meter, self.kv_events)
             await self.kv_events.start()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.start()
         await server.start()
         self._server = server
         self.address = f"{host}:{port}"
@@ -176,6 +184,8 @@ class Router:
         await self.pool.close()
         if self.kv_events is not None:
             await self.kv_events.stop()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.stop()
         if self._owns_telemetry:
             await asyncio.to_thread(self.telemetry.shutdown)  # flushes OTLP batches: blocking
         log.info("router on %s stopped", self.address)
@@ -264,10 +274,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 request_id = check_request_id(request.request_id)
             if router.draining:
                 raise RouterError(grpc.StatusCode.UNAVAILABLE, "router is draining")
-            inp = generate_input_from_proto(request, request_id, router.model)
+            metadata = dict(context.invocation_metadata())
+            inp = generate_input_from_proto(request, request_id, router.model, metadata.get(TENANT_METADATA))
             operation = "chat" if request.WhichOneof("input") == "chat" else "text_completion"
             await GenerateCall(router.services, inp, context.write, context.time_remaining, arrival,
-                               operation=operation, trace_carrier=dict(context.invocation_metadata()),
+                               operation=operation, trace_carrier=metadata,
                                tenant=grpc_tenant(router.keys, context)).run()
         except RouterError as e:
             await _abort_with(context, e.code, e.message, request_id, e.retry_after_s)
