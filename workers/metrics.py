@@ -12,6 +12,11 @@ Prometheus names (every point labelled worker_id and worker_role):
   tandem_kv_transfers_total{direction}, tandem_kv_transfer_leases_expired_total,
   tandem_kv_transfer_latency_seconds (decode side: pull until the payload is here),
   tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread).
+With the remote KV tier (kv_offload): tandem_kv_tier_lookups_total (prompts whose cached prefix fell short of them),
+  tandem_kv_tier_requests_total{result=hit|miss|skipped|error} (skipped: the cost model chose to recompute),
+  tandem_kv_tier_hit_tokens_total (prompt tokens inserted from the tier), tandem_kv_tier_blocks_total and
+  tandem_kv_tier_bytes_total{direction=pulled|pushed|dropped}, tandem_kv_tier_checksum_failures_total,
+  tandem_kv_tier_pull_latency_seconds.
 
 Prefix cache counters count each request once, when the worker admits it to compute its prompt: not at every
 scheduling attempt while it waits for blocks, nor again after a preemption. A disaggregated request is counted by
@@ -54,6 +59,7 @@ class WorkerMetrics:
     def __init__(self, meter: Meter, attributes: dict[str, str], snapshot: Callable[[], dict],
                  transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int]):
         self.attributes = attributes
+        self._meter = meter
         self._snapshot = snapshot
         self._transfer_stats = transfer_stats
         self._leases_expired = leases_expired
@@ -79,6 +85,34 @@ class WorkerMetrics:
         self.kv_stage_latency = meter.create_histogram(
             "tandem.kv_transfer.stage_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
             description="Prefill side: time to export a request's KV and stage it on the transport")
+
+    def add_kv_tier(self, tier) -> None:
+        """Instruments of a RemoteKVTier (workers/kv_tier): its counters, read at each scrape, and its pull latency."""
+        meter, stats = self._meter, tier.stats
+
+        def counter(name, unit, description, points):
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(stats[key], {**self.attributes, **labels}) for key, labels in points]
+            meter.create_observable_counter(name, [observe], unit=unit, description=description)
+
+        counter("tandem.kv_tier.lookups", "{request}", "Prompts whose locally cached prefix fell short of them",
+                [("lookups", {})])
+        counter("tandem.kv_tier.requests", "{request}", "Remote KV tier lookups by result",
+                [("hits", {"result": "hit"}), ("misses", {"result": "miss"}), ("skipped", {"result": "skipped"}),
+                 ("errors", {"result": "error"})])
+        counter("tandem.kv_tier.hit_tokens", "{token}", "Prompt tokens whose KV was pulled from the tier",
+                [("hit_tokens", {})])
+        counter("tandem.kv_tier.blocks", "{block}", "KV blocks pulled, pushed, or dropped before a push",
+                [("pulled_blocks", {"direction": "pulled"}), ("pushed_blocks", {"direction": "pushed"}),
+                 ("push_dropped_blocks", {"direction": "dropped"})])
+        counter("tandem.kv_tier.bytes", "By", "KV bytes pulled from and pushed to the tier",
+                [("pulled_bytes", {"direction": "pulled"}), ("pushed_bytes", {"direction": "pushed"})])
+        counter("tandem.kv_tier.checksum_failures", "{block}", "Tier values refused for a CRC32 mismatch",
+                [("checksum_failures", {})])
+        latency = meter.create_histogram(
+            "tandem.kv_tier.pull_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
+            description="Time to pull a prompt's blocks from the remote KV tier (lookup to last value checked)")
+        tier.on_pull_latency = lambda seconds: latency.record(seconds, self.attributes)
 
     def record_fetch(self, seconds: float, transport: str) -> None:
         self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})

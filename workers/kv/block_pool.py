@@ -55,6 +55,9 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # block_hash -> block_id
         self.num_evictions = 0
+        # (block_id, block_hash) of cached blocks that allocation evicted since the engine last took them; None:
+        # not recorded. A KV offloader copies them out before the new owner's KV overwrites their slots.
+        self.evicted: list[tuple[int, int]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -120,6 +123,8 @@ class BlockPool:
 
     def _evict(self, block: KVBlock) -> None:
         self.num_evictions += 1
+        if self.evicted is not None:
+            self.evicted.append((block.block_id, block.block_hash))
         self._drop_hash(block)
 
     def _drop_hash(self, block: KVBlock) -> None:
