@@ -76,7 +76,7 @@ class WorkerConfig:
     # recomputing; how long they live there, and the most this worker keeps there.
     kv_offload: bool = False
     kv_offload_ttl_s: float = 600.0
-    kv_offload_max_bytes: int = 1 << 30
+    kv_offload_max_bytes: int = 512 << 20
 
     def __post_init__(self):
         if self.role not in ROLES:
