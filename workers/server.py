@@ -259,7 +259,9 @@ class WorkerServer:
         self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
         self.transport = make_kv_transport(config.kv_transport, tls=config.internal_tls)
         self.kv_tier: RemoteKVTier | None = None
-        if config.kv_offload:  # before the engine thread starts: set_kv_offload is the engine's
+        if config.kv_offload and not self.engine.kv.enable_prefix_caching:
+            log.warning("kv_offload: off, because enable_prefix_caching is off (the tier feeds the prefix cache)")
+        elif config.kv_offload:  # before the engine thread starts: set_kv_offload is the engine's
             self.kv_tier = RemoteKVTier(
                 KVTierConfig(config.redis_url, ttl_s=config.kv_offload_ttl_s, max_bytes=config.kv_offload_max_bytes),
                 self.engine.model_name, engine_layouts(self.engine), self.engine.kv.hash_extra)

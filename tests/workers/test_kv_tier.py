@@ -15,6 +15,7 @@ from tandem.redis_store import EmbeddedRedis
 from tandem.v1 import generation_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
+from tests.workers.test_worker_metrics import scrape, value
 from workers.kv_tier import BlockFormatError, BlockLayout, ChecksumError, CostModel, decode_block, encode_block
 
 BLOCK_SIZE = 16
@@ -51,8 +52,7 @@ def wait_until(predicate, timeout_s: float = 30.0) -> None:
 def start_worker(redis_url: str):
     from workers.server import WorkerConfig, WorkerServer
 
-    server = WorkerServer(WorkerConfig(engine=ENGINE, torch_threads=1, metrics_port=-1, redis_url=redis_url,
-                                       kv_offload=True))
+    server = WorkerServer(WorkerConfig(engine=ENGINE, torch_threads=1, redis_url=redis_url, kv_offload=True))
     server.start()
     return server
 
@@ -64,6 +64,7 @@ def evict_and_offload(server, a: list[int], b: list[int]) -> list[int]:
     pushed = server.kv_tier.stats["pushed_blocks"]
     generate(server, b, f"b-{b[0]}")
     wait_until(lambda: server.kv_tier.stats["pushed_blocks"] > pushed and server.kv_tier._pending_bytes == 0)
+    assert server.kv_tier.stats["push_dropped_blocks"] == 0, server.kv_tier.last_error
     assert server.engine.kv.num_cached_prefix_tokens(a) < PROMPT_LEN - BLOCK_SIZE  # a's tail is gone locally
     return first
 
@@ -88,6 +89,11 @@ def test_an_evicted_prefix_is_pulled_back_with_the_same_greedy_output(worker, re
     # Every full block but the last (its last token is computed for the logits) came from the tier or the cache.
     assert cached == (PROMPT_LEN - 1) // BLOCK_SIZE * BLOCK_SIZE > local
     assert worker.kv_tier.stats["hit_tokens"] >= cached - local
+    metrics = scrape(worker)
+    assert value(metrics, "tandem_kv_tier_requests_total", result="hit") == worker.kv_tier.stats["hits"]
+    assert value(metrics, "tandem_kv_tier_bytes_total", direction="pulled") > 0
+    assert value(metrics, "tandem_kv_tier_bytes_total", direction="pushed") > 0
+    assert value(metrics, "tandem_kv_tier_pull_latency_seconds_count") == worker.kv_tier.stats["hits"]
 
 
 def test_a_corrupted_value_is_detected_and_recomputed(worker, redis_url):
@@ -99,15 +105,16 @@ def test_a_corrupted_value_is_detected_and_recomputed(worker, redis_url):
     block_hash = hash_token_blocks(a, BLOCK_SIZE, worker.engine.kv.hash_extra)[local // BLOCK_SIZE]
     key = worker.kv_tier.key(0, block_hash)
     client = redis.Redis.from_url(redis_url)
-    value = bytearray(client.get(key))
-    value[-100] ^= 0x01
-    client.set(key, bytes(value))
+    stored = bytearray(client.get(key))
+    stored[-100] ^= 0x01
+    client.set(key, bytes(stored))
     failures = worker.kv_tier.stats["checksum_failures"]
 
     again, cached = generate(worker, a, "a-corrupt")
 
     assert again == recomputed
     assert worker.kv_tier.stats["checksum_failures"] == failures + 1
+    assert value(scrape(worker), "tandem_kv_tier_checksum_failures_total") == failures + 1
     assert cached == local  # nothing was inserted from the tier
     assert client.get(key) is None  # the bad value is gone, so no other worker pulls it
     client.close()

@@ -41,20 +41,23 @@ class KVTierConfig:
     """redis_url: the Redis (or Valkey) holding the tier. ttl_s: how long an offloaded block lives.
     max_bytes: the most this worker keeps there at once (its oldest keys are deleted past it).
     max_pending_bytes: evicted KV waiting to be pushed (past it, evictions are not offloaded).
-    pull_timeout_s: the most one pull may take. batch_bytes: values per MGET/pipeline, roughly.
-    socket_timeout_s: per socket operation (RedisStore)."""
+    pull_timeout_s: the most one pull may take. lookup_timeout_s: the most the lookup before it may take.
+    batch_bytes: values per MGET/pipeline, roughly. socket_timeout_s: per socket read or write (RedisStore); each
+    call also has its own bound (lookup_timeout_s, the pull's deadline, or loosely for background pushes)."""
 
     redis_url: str
     ttl_s: float = 600.0
     max_bytes: int = 1 << 30
     max_pending_bytes: int = 256 << 20
     pull_timeout_s: float = 5.0
+    lookup_timeout_s: float = 0.1
     batch_bytes: int = 8 << 20
-    socket_timeout_s: float = 0.1
+    # Above RedisStore's 100 ms: the reply to a multi-megabyte write can take longer than that on a busy host.
+    socket_timeout_s: float = 0.5
 
     def __post_init__(self):
         StoreConfig(self.redis_url)  # checks the URL
-        for name in ("ttl_s", "pull_timeout_s", "socket_timeout_s"):
+        for name in ("ttl_s", "pull_timeout_s", "lookup_timeout_s", "socket_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"kv_offload_{name}: must be > 0, got {getattr(self, name)}")
         for name in ("max_bytes", "max_pending_bytes", "batch_bytes"):
@@ -111,6 +114,7 @@ class RemoteKVTier:
         self._written: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._written_bytes = 0
         self.on_pull_latency = None  # callable(seconds) for a latency histogram
+        self.last_error = ""  # the last Redis failure, for logs and tests
         self.stats = dict.fromkeys((
             "lookups", "hits", "misses", "skipped", "hit_tokens", "pulled_bytes", "pulled_blocks",
             "pushed_bytes", "pushed_blocks", "push_dropped_blocks", "deleted_blocks", "checksum_failures", "errors",
@@ -177,6 +181,7 @@ class RemoteKVTier:
             except RedisUnavailable as e:
                 with self._pending_lock:
                     self.stats["push_dropped_blocks"] += len(block_hashes)
+                self.last_error = f"push: {e}"
                 log.debug("kv tier: push skipped: %s", e)
             except Exception:  # noqa: BLE001 - the tier is an optimisation: log, never crash the worker
                 self.stats["errors"] += 1
@@ -217,7 +222,9 @@ class RemoteKVTier:
                 pipe.set(key, value, px=ttl_ms)
             return await pipe.execute()
 
-        await self.store.call(write, timeout_s=self._transfer_timeout(num_bytes))
+        # Off every request's path: bounded, but loosely (10 MB/s at worst), so that a busy host does not make a
+        # slow write count as Redis failing.
+        await self.store.call(write, timeout_s=1.0 + num_bytes / 10e6)
         expires = now + self.config.ttl_s
         for key, value in batch:
             self._written[key] = (len(value), expires)
@@ -233,10 +240,6 @@ class RemoteKVTier:
                 return
             self._written.popitem(last=False)
             self._written_bytes -= n
-
-    def _transfer_timeout(self, num_bytes: int) -> float:
-        # Generous against the measured bandwidth; the breaker still bounds a dead server.
-        return self.config.socket_timeout_s + 4 * num_bytes / self.cost.pull_bytes_per_s
 
     # --- pull ----------------------------------------------------------------------------------------------
 
@@ -259,6 +262,7 @@ class RemoteKVTier:
             return await self._fetch(token_ids, num_cached_blocks, max_blocks, start)
         except RedisUnavailable as e:
             self.stats["errors"] += 1
+            self.last_error = f"pull: {e}"
             log.debug("kv tier: pull skipped: %s", e)
         except ChecksumError as e:
             self.stats["checksum_failures"] += 1
@@ -283,7 +287,7 @@ class RemoteKVTier:
                 pipe.exists(key)
             return await pipe.execute()
 
-        held = await self.store.call(exists)
+        held = await self.store.call(exists, timeout_s=self.config.lookup_timeout_s)
         self.cost.observe_rtt(time.perf_counter() - start)
         num_blocks = next((i for i, n in enumerate(held) if not n), len(held))
         if num_blocks == 0:
@@ -327,7 +331,7 @@ class RemoteKVTier:
     async def _discard(self, key: str) -> None:
         """A bad value: delete it, so that no other worker pulls it."""
         try:
-            await self.store.call(lambda r: r.delete(key))
+            await self.store.call(lambda r: r.delete(key), timeout_s=self.config.lookup_timeout_s)
         except RedisUnavailable:
             pass
 
