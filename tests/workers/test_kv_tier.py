@@ -174,3 +174,25 @@ def test_the_cost_model_pulls_only_when_that_beats_recomputing():
     assert not cost.estimate(num_bytes=10_000_000, num_tokens=1000).pays
     cost.observe_prefill(num_computed_tokens=64, seconds=10.0)  # too short to say anything about prefill speed
     assert cost.prefill_tokens_per_s == 1000.0
+
+
+def test_cached_blocks_exported_by_one_engine_and_inserted_into_another_serve_the_same_output():
+    """The engine side of the tier, no Redis: read full cached blocks by hash, insert them elsewhere by hash."""
+    from workers.kv.block_pool import hash_token_blocks
+    from workers.llm import LLM
+    from workers.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    a = prompt(7)[:100]  # 6 full blocks and 4 tokens
+    with LLM(**ENGINE) as source, LLM(**ENGINE) as target:
+        want = source.generate([a], params)[0]
+        hashes = hash_token_blocks(a, BLOCK_SIZE, source.engine.kv.hash_extra)
+        found, per_rank_kv = source.engine.export_cached_blocks(hashes + [12345])
+        assert found == hashes and per_rank_kv[0].shape[2] == len(hashes)
+
+        assert target.engine.insert_cached_blocks(a, 3, [kv[:, :, 3:] for kv in per_rank_kv]) == 0  # no prefix
+        assert target.engine.insert_cached_blocks(a, 0, per_rank_kv) == len(hashes)
+        got = target.generate([a], params)[0]
+
+    assert got.num_cached_tokens == len(hashes) * BLOCK_SIZE
+    assert got.token_ids == want.token_ids
