@@ -11,7 +11,8 @@ Per repeat, with fresh random prompts A and B of --prompt-len tokens:
     recompute  A again after FLUSHALL: the tier finds nothing (one EXISTS round trip), the worker recomputes
 
 TTFT is measured by the client (the gRPC call to its first token). Also reported: the tier's pull latency and
-bytes, and the cost of offloading: engine-thread time to copy evicted blocks out, and the push throughput.
+bytes, and the cost of offloading: engine-thread time to copy evicted blocks out, and the CPU time of the tier's
+thread (encoding, CRC32, sockets) per MB moved.
 
     python benchmarks/bench_kv_tier.py                      # 1536-token prompts, 3 repeats
     python benchmarks/bench_kv_tier.py --prompt-len 1024 --repeats 5
@@ -19,12 +20,15 @@ bytes, and the cost of offloading: engine-thread time to copy evicted blocks out
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import platform
 import random
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
@@ -33,6 +37,7 @@ if _REPO_ROOT not in sys.path:
 
 import grpc  # noqa: E402
 import redis  # noqa: E402
+import torch  # noqa: E402
 
 from tandem.redis_store import EmbeddedRedis  # noqa: E402
 from tandem.v1 import generation_pb2 as pb  # noqa: E402
@@ -64,6 +69,20 @@ def wait_drained(server: WorkerServer, pushed_before: int, timeout_s: float = 60
         time.sleep(0.01)
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+async def _thread_time() -> float:
+    return time.thread_time()  # CPU time of the thread this runs on: the tier's (encode, CRC, sockets, decode)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-len", type=int, default=1536)
@@ -73,6 +92,10 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     args = ap.parse_args()
 
+    load_start = round(os.getloadavg()[0], 2)
+    if load_start > 1.0:
+        print(f"warning: load average {load_start}: other work competes for the CPUs; TTFTs will be noisy",
+              file=sys.stderr)
     server_redis = EmbeddedRedis()
     url = server_redis.start()
     blocks_per_prompt = -(-(args.prompt_len + args.max_tokens) // args.block_size)
@@ -135,13 +158,16 @@ def main() -> None:
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
+        tier_cpu_s = asyncio.run_coroutine_threadsafe(_thread_time(), server.kv_tier._loop).result(timeout=10)
     finally:
         server.stop()
         server_redis.stop()
 
     cost = server.kv_tier.cost
     summary = dict(
-        host=platform.node(), cpus=__import__("os").cpu_count(), torch_threads=args.torch_threads,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_model(), cpus=os.cpu_count(),
+        torch=torch.__version__, torch_threads=args.torch_threads, load_avg_start=load_start,
+        load_avg_end=round(os.getloadavg()[0], 2),
         model=server.engine.model_name, block_bytes=block_bytes, kv_cache_blocks=num_blocks,
         pulled_ttft_s_median=statistics.median(r["pulled_ttft_s"] for r in rows),
         recompute_ttft_s_median=statistics.median(r["recompute_ttft_s"] for r in rows),
@@ -152,6 +178,9 @@ def main() -> None:
         offload_engine_thread_ms_per_block=round(1000 * offload["s"] / max(offload["blocks"], 1), 3),
         offloaded_blocks=offload["blocks"], pushed_mb=round(server.kv_tier.stats["pushed_bytes"] / 1e6, 1),
         push_dropped_blocks=server.kv_tier.stats["push_dropped_blocks"],
+        tier_thread_cpu_s=round(tier_cpu_s, 2),
+        tier_thread_cpu_ms_per_mb_moved=round(1000 * tier_cpu_s / max(
+            (server.kv_tier.stats["pushed_bytes"] + server.kv_tier.stats["pulled_bytes"]) / 1e6, 1e-9), 3),
     )
     print(json.dumps(summary), flush=True)
 
