@@ -76,6 +76,7 @@ def worker(redis_server):
     server.stop()
 
 
+@pytest.mark.slow
 def test_an_evicted_prefix_is_pulled_back_with_the_same_greedy_output(worker, redis_url):
     a, b = prompt(1), prompt(2)
     recomputed = evict_and_offload(worker, a, b)
@@ -96,6 +97,7 @@ def test_an_evicted_prefix_is_pulled_back_with_the_same_greedy_output(worker, re
     assert value(metrics, "tandem_kv_tier_pull_latency_seconds_count") == worker.kv_tier.stats["hits"]
 
 
+@pytest.mark.slow
 def test_a_corrupted_value_is_detected_and_recomputed(worker, redis_url):
     a, b = prompt(3), prompt(4)
     recomputed = evict_and_offload(worker, a, b)
@@ -120,6 +122,7 @@ def test_a_corrupted_value_is_detected_and_recomputed(worker, redis_url):
     client.close()
 
 
+@pytest.mark.slow
 def test_redis_down_means_recompute_and_the_request_is_served():
     server_redis = EmbeddedRedis()
     server_redis.start()
@@ -176,6 +179,7 @@ def test_the_cost_model_pulls_only_when_that_beats_recomputing():
     assert cost.prefill_tokens_per_s == 1000.0
 
 
+@pytest.mark.slow
 def test_cached_blocks_exported_by_one_engine_and_inserted_into_another_serve_the_same_output():
     """The engine side of the tier, no Redis: read full cached blocks by hash, insert them elsewhere by hash."""
     from workers.kv.block_pool import hash_token_blocks
