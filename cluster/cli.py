@@ -60,6 +60,9 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="redis:// or rediss:// URL of a Redis (or Valkey) for the global prefix index and caches; "
                         "default: start an embedded valkey-server on a free loopback port")
+    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
+                   help="remote KV tier in Redis: workers offload evicted prefix blocks and pull them back when that "
+                        "beats recomputing (auto: on for CPU workers; default %(default)s)")
     p.add_argument("--routing-policy", choices=("cache_aware", "load"), default="cache_aware",
                    help="cache_aware: least prefill work ahead of the first token, from the global prefix index; "
                         "load: queued tokens and free blocks only (default %(default)s)")
@@ -127,6 +130,7 @@ def _up(args) -> int:
             engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
             num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
             torch_threads=args.torch_threads, internal_tls=internal_tls, redis_url=args.redis_url,
+            kv_offload=args.kv_offload,
         )
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)

@@ -144,7 +144,7 @@ class Controller:
             role=role, engine=cfg.engine_options, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
             worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
             torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)), internal_tls=cfg.internal_tls,
-            redis_url=cfg.redis_url,
+            redis_url=cfg.redis_url, kv_offload=cfg.resolved_kv_offload,
         )
         actor = _RemoteWorker.options(
             num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, name=f"tandem-{worker_id}",

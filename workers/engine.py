@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.executor import Executor, MultiprocTPExecutor
+from workers.kv.block_pool import hash_token_blocks
 from workers.kv.events import KVCacheEvent
 from workers.kv.handoff import KVPayload
 from workers.kv.kv_cache_manager import KVCacheManager
@@ -100,6 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_generation_tokens = 0
         self.num_requests_finished: dict[str, int] = {}
+        self.kv_offload_sink: Callable[[list[int], list[torch.Tensor]], None] | None = None
 
     @property
     def role(self) -> str:
@@ -185,6 +188,7 @@ class LLMEngine:
 
     def step(self) -> list[TokenEvent]:
         out = self.scheduler.schedule()
+        self._offload_evicted()  # before this step's KV overwrites the slots of blocks it evicted
         if out.is_empty:
             return []
         inp = build_model_input(out, self.kv.block_ids)
@@ -295,6 +299,7 @@ class LLMEngine:
             raise RuntimeError(f"import_kv: no free KV blocks for {first.num_computed_tokens} tokens")
         block_ids = self.kv.block_ids(req.req_id)
         fresh = list(range(len(hits), first.kv.shape[2]))
+        self._offload_evicted()
         if fresh:
             self.executor.import_blocks([block_ids[i] for i in fresh], [p.kv[:, :, fresh[0]:] for p in payloads])
         req.num_computed_tokens = first.num_computed_tokens
@@ -303,6 +308,66 @@ class LLMEngine:
         self.scheduler.add_running(req)
         self._start_detokenizer(req)
         return req.req_id
+
+    # --- KV offloading: a tier outside the engine (workers/kv_tier) -------------------------------------
+
+    def set_kv_offload(self, sink: Callable[[list[int], list[torch.Tensor]], None] | None) -> None:
+        """`sink(block_hashes, per_rank_kv)` receives the KV of every cached block that allocation evicts, before
+        the slots are overwritten: one tensor per TP rank, [num_layers, 2, len(block_hashes), block_size,
+        num_kv_heads, head_dim] on CPU. It runs on the engine thread and must only hand the tensors on."""
+        self.kv_offload_sink = sink
+        self.kv.pool.evicted = [] if sink is not None else None
+
+    def _offload_evicted(self) -> None:
+        evicted = self.kv.pool.evicted
+        if not evicted:
+            return
+        block_ids = [block_id for block_id, _ in evicted]
+        block_hashes = [block_hash for _, block_hash in evicted]
+        evicted.clear()
+        self.kv_offload_sink(block_hashes, self.executor.export_blocks(block_ids))
+
+    def export_cached_blocks(self, block_hashes: list[int]) -> tuple[list[int], list[torch.Tensor]]:
+        """The KV of those of `block_hashes` this engine's prefix cache holds: (the hashes found, in order; one
+        tensor per TP rank, [num_layers, 2, len(found), block_size, num_kv_heads, head_dim] on CPU)."""
+        found = [(h, block.block_id) for h in block_hashes if (block := self.kv.pool.lookup(h)) is not None]
+        if not found:
+            return [], []
+        return [h for h, _ in found], self.executor.export_blocks([block_id for _, block_id in found])
+
+    def insert_cached_blocks(self, token_ids: list[int], start_block: int, per_rank_kv: list[torch.Tensor]) -> int:
+        """Adopt the KV of full blocks `start_block`, `start_block + 1`, ... of `token_ids` (computed elsewhere:
+        a remote KV tier) into the prefix cache, under the chained hashes this engine computes. They stay free but
+        cached, so the next request with this prefix hits them. Blocks only count after a cached prefix: if the
+        cache no longer holds blocks [0, start_block), nothing is inserted. Returns the leading blocks of token_ids
+        cached now. `per_rank_kv`: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] per TP rank."""
+        if len(per_rank_kv) != self.executor.tp_size:
+            raise ValueError(f"per_rank_kv: got {len(per_rank_kv)} shards, tensor_parallel_size={self.executor.tp_size}")
+        if not self.kv.enable_prefix_caching:
+            return 0
+        num_blocks = per_rank_kv[0].shape[2]
+        block_hashes = hash_token_blocks(token_ids[: (start_block + num_blocks) * self.block_size], self.block_size,
+                                         self.kv.hash_extra)
+        pool = self.kv.pool
+        cached = []
+        for block_hash in block_hashes:
+            block = pool.lookup(block_hash)
+            if block is None:
+                break
+            cached.append(block)
+        num_cached = len(cached)
+        if num_cached < start_block or num_cached == len(block_hashes):
+            return num_cached
+        pool.take(cached)  # held, so that allocating the new blocks cannot evict the prefix they continue
+        new = pool.allocate(min(len(block_hashes) - num_cached, pool.num_free_blocks))
+        self._offload_evicted()
+        if new:
+            skip = num_cached - start_block
+            self.executor.import_blocks([b.block_id for b in new], [kv[:, :, skip : skip + len(new)] for kv in per_rank_kv])
+            for block, block_hash in zip(new, block_hashes[num_cached:]):
+                pool.cache_block(block, block_hash)
+        pool.free(list(reversed(cached + new)))  # tail first: the tail is the first to go again
+        return num_cached + len(new)
 
     # --- state -----------------------------------------------------------------------------------------
 

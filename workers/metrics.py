@@ -15,6 +15,11 @@ Prometheus names (every point labelled worker_id and worker_role):
   with Redis (KV events for the routers' prefix index): tandem_kv_events_published_batches_total,
   tandem_kv_events_published_events_total, tandem_kv_events_dropped_batches_total (a gap routers resync),
   tandem_kv_events_redis_errors_total, tandem_kv_events_pending_batches.
+With the remote KV tier (kv_offload): tandem_kv_tier_lookups_total (prompts whose cached prefix fell short of them),
+  tandem_kv_tier_requests_total{result=hit|miss|skipped|error} (skipped: the cost model chose to recompute),
+  tandem_kv_tier_hit_tokens_total (prompt tokens inserted from the tier), tandem_kv_tier_blocks_total and
+  tandem_kv_tier_bytes_total{direction=pulled|pushed|dropped}, tandem_kv_tier_checksum_failures_total,
+  tandem_kv_tier_pull_latency_seconds.
 
 Prefix cache counters count each request once, when the worker admits it to compute its prompt: not at every
 scheduling attempt while it waits for blocks, nor again after a preemption. A disaggregated request is counted by
@@ -66,6 +71,7 @@ class WorkerMetrics:
                  transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int],
                  kv_events: Callable[[], dict[str, int]] | None = None):
         self.attributes = attributes
+        self._meter = meter
         self._snapshot = snapshot
         self._transfer_stats = transfer_stats
         self._leases_expired = leases_expired
@@ -104,6 +110,34 @@ class WorkerMetrics:
         meter.create_observable_gauge(
             "tandem.kv_events.pending_batches", [observe("pending_batches")], unit="{batch}",
             description="KV event batches waiting to be written to Redis")
+
+    def add_kv_tier(self, tier) -> None:
+        """Instruments of a RemoteKVTier (workers/kv_tier): its counters, read at each scrape, and its pull latency."""
+        meter, stats = self._meter, tier.stats
+
+        def counter(name, unit, description, points):
+            def observe(options: CallbackOptions) -> Iterable[Observation]:
+                return [Observation(stats[key], {**self.attributes, **labels}) for key, labels in points]
+            meter.create_observable_counter(name, [observe], unit=unit, description=description)
+
+        counter("tandem.kv_tier.lookups", "{request}", "Prompts whose locally cached prefix fell short of them",
+                [("lookups", {})])
+        counter("tandem.kv_tier.requests", "{request}", "Remote KV tier lookups by result",
+                [("hits", {"result": "hit"}), ("misses", {"result": "miss"}), ("skipped", {"result": "skipped"}),
+                 ("errors", {"result": "error"})])
+        counter("tandem.kv_tier.hit_tokens", "{token}", "Prompt tokens whose KV was pulled from the tier",
+                [("hit_tokens", {})])
+        counter("tandem.kv_tier.blocks", "{block}", "KV blocks pulled, pushed, or dropped before a push",
+                [("pulled_blocks", {"direction": "pulled"}), ("pushed_blocks", {"direction": "pushed"}),
+                 ("push_dropped_blocks", {"direction": "dropped"})])
+        counter("tandem.kv_tier.bytes", "By", "KV bytes pulled from and pushed to the tier",
+                [("pulled_bytes", {"direction": "pulled"}), ("pushed_bytes", {"direction": "pushed"})])
+        counter("tandem.kv_tier.checksum_failures", "{block}", "Tier values refused for a CRC32 mismatch",
+                [("checksum_failures", {})])
+        latency = meter.create_histogram(
+            "tandem.kv_tier.pull_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
+            description="Time to pull a prompt's blocks from the remote KV tier (lookup to last value checked)")
+        tier.on_pull_latency = lambda seconds: latency.record(seconds, self.attributes)
 
     def record_fetch(self, seconds: float, transport: str) -> None:
         self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})

@@ -41,6 +41,7 @@ from tandem.v1 import worker_pb2_grpc
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.kv_events import KVEventPublisher, KVEventsConfig
+from workers.kv_tier import KVTierConfig, RemoteKVTier, engine_layouts
 from workers.kv_transfer import KVTransferError, make_kv_transport
 from workers.metrics import WorkerMetrics
 from workers.outputs import TokenEvent
@@ -74,10 +75,17 @@ class WorkerConfig:
     redis_url: str | None = None
     # How often the KV events publisher writes this worker's snapshot (its TTL in Redis is twice that).
     kv_events_interval_s: float = 2.0
+    # Remote KV tier (workers/kv_tier): offload evicted prefix blocks to Redis and pull them back when that beats
+    # recomputing; how long they live there, and the most this worker keeps there.
+    kv_offload: bool = False
+    kv_offload_ttl_s: float = 600.0
+    kv_offload_max_bytes: int = 512 << 20
 
     def __post_init__(self):
         if self.role not in ROLES:
             raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.kv_offload and self.redis_url is None:
+            raise ValueError("kv_offload: needs redis_url (the Redis that holds the offloaded KV)")
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(
                 f"metrics_port: must be in [0, 65535] (0: a free port) or -1 (off), got {self.metrics_port}")
@@ -265,6 +273,14 @@ class WorkerServer:
             config.redis_url, self.engine.model_name, self.worker_id, self.engine.block_size,
             KVEventsConfig(interval_s=config.kv_events_interval_s)) if config.redis_url else None
         self.transport = make_kv_transport(config.kv_transport, tls=config.internal_tls)
+        self.kv_tier: RemoteKVTier | None = None
+        if config.kv_offload and not self.engine.kv.enable_prefix_caching:
+            log.warning("kv_offload: off, because enable_prefix_caching is off (the tier feeds the prefix cache)")
+        elif config.kv_offload:  # before the engine thread starts: set_kv_offload is the engine's
+            self.kv_tier = RemoteKVTier(
+                KVTierConfig(config.redis_url, ttl_s=config.kv_offload_ttl_s, max_bytes=config.kv_offload_max_bytes),
+                self.engine.model_name, engine_layouts(self.engine), self.engine.kv.hash_extra)
+            self.engine.set_kv_offload(self.kv_tier.offer)
         self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
         self.loop.withdraw = self.transport.withdraw
@@ -279,6 +295,8 @@ class WorkerServer:
             snapshot=lambda: self.loop.snapshot, transfer_stats=lambda: self.transport.stats,
             leases_expired=lambda: self.loop.num_leases_expired,
             kv_events=(lambda: self.kv_events.stats) if self.kv_events is not None else None)
+        if self.kv_tier is not None:
+            self.metrics.add_kv_tier(self.kv_tier)
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_runner = None  # aiohttp, serving /metrics
@@ -292,6 +310,8 @@ class WorkerServer:
     def start(self) -> wpb.WorkerInfo:
         host = self.config.host
         kv_endpoint = self.transport.start(host)
+        if self.kv_tier is not None:
+            self.kv_tier.start()
         ready = threading.Event()
         failure: list[BaseException] = []
         bound: list[int] = []
@@ -355,6 +375,8 @@ class WorkerServer:
                 pass
             self._aio_loop.call_soon_threadsafe(self._aio_loop.stop)
         self.loop.stop()
+        if self.kv_tier is not None:
+            self.kv_tier.stop()
         self.transport.close()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
@@ -496,11 +518,30 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         self.loop.listen(req_id, stream)
         try:
             params = self._params(req)
-            await self._engine(lambda e: e.add_request(list(req.prompt_token_ids), params, req_id, req.priority,
-                                                       list(req.output_token_ids)))
+            pulled = await self._pull_kv(list(req.prompt_token_ids) + list(req.output_token_ids))
+
+            def add(e):
+                if pulled is not None:
+                    self.w.kv_tier.insert(e, pulled)  # the same engine call: nothing can evict them in between
+                return e.add_request(list(req.prompt_token_ids), params, req_id, req.priority,
+                                     list(req.output_token_ids))
+
+            await self._engine(add)
         except ValueError as e:
             self.loop.unlisten(req_id)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _pull_kv(self, token_ids: list[int]):
+        """The remote tier's blocks after the locally cached prefix, if pulling pays (off the engine thread)."""
+        if self.w.kv_tier is None:
+            return None
+        # A read-only lookup, as MatchPrefix: a stale answer only makes the engine skip blocks it has meanwhile.
+        return await self.w.kv_tier.pull_async(token_ids, self.w.engine.kv.num_cached_prefix_tokens(token_ids))
+
+    def _observe_prefill(self, event: TokenEvent, prefilled_at: float) -> None:
+        if self.w.kv_tier is not None and event.first_scheduled_time is not None:
+            self.w.kv_tier.observe_prefill(event.num_prompt_tokens - event.num_cached_tokens,
+                                           prefilled_at - event.first_scheduled_time)
 
     async def _abort(self, req_id: str) -> None:
         self.loop.unlisten(req_id)
@@ -528,6 +569,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 await self._check_serving(context)
             prefilled_at = time.monotonic()
             done = True
+            self._observe_prefill(event, prefilled_at)
             resp = wpb.PrefillResponse(
                 token_ids=event.new_token_ids, logprobs=logprobs_to_proto(event.new_token_ids, event.logprobs),
                 finish_reason=FINISH_REASONS[event.finish_reason], num_cached_tokens=event.num_cached_tokens,
@@ -613,6 +655,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                     if not with_kv:
                         first_event = event
                         prefilled_at = decode_start = time.monotonic()
+                        self._observe_prefill(event, prefilled_at)
                         if event.first_scheduled_time is not None:
                             first.queue_ms = _ms(event.first_scheduled_time - event.arrival_time)
                             first.prefill_ms = _ms(prefilled_at - event.first_scheduled_time)

@@ -14,6 +14,7 @@ from cluster.config import ClusterConfig
     (dict(prefill_tensor_parallel_size=2, decode_tensor_parallel_size=2), "prefill_tensor_parallel_size"),
     (dict(engine={"role": "decode"}), "engine"),
     (dict(engine={"model": "x.gguf"}), "engine"),
+    (dict(kv_offload="yes"), "kv_offload"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
@@ -28,3 +29,12 @@ def test_pools_and_transport():
     assert ClusterConfig().resolved_kv_transport == "shm"
     assert ClusterConfig(ray_address="auto").resolved_kv_transport == "tcp"
     assert ClusterConfig(ray_address="auto", kv_transport="shm").resolved_kv_transport == "shm"
+
+
+def test_kv_offload_is_on_for_cpu_workers_with_a_redis_only():
+    redis = "redis://127.0.0.1:6379/0"
+    assert ClusterConfig(redis_url=redis).resolved_kv_offload
+    assert not ClusterConfig(redis_url=redis, num_gpus_per_rank=1).resolved_kv_offload
+    assert ClusterConfig(redis_url=redis, num_gpus_per_rank=1, kv_offload="on").resolved_kv_offload
+    assert not ClusterConfig(redis_url=redis, kv_offload="off").resolved_kv_offload
+    assert not ClusterConfig(kv_offload="on").resolved_kv_offload  # no Redis, no tier

@@ -63,6 +63,9 @@ class BlockPool:
         # Bounded at a few times the pool: an undrained log is replaced by the pool's state (KVEventLog).
         self.events: KVEventLog | None = (
             KVEventLog(self._cached.keys, max(4 * num_blocks, 4096)) if enable_kv_cache_events else None)
+        # (block_id, block_hash) of cached blocks that allocation evicted since the engine last took them; None:
+        # not recorded. A KV offloader copies them out before the new owner's KV overwrites their slots.
+        self.evicted: list[tuple[int, int]] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -137,6 +140,8 @@ class BlockPool:
 
     def _evict(self, block: KVBlock) -> None:
         self.num_evictions += 1
+        if self.evicted is not None:
+            self.evicted.append((block.block_id, block.block_hash))
         self._drop_hash(block)
 
     def _drop_hash(self, block: KVBlock) -> None:
