@@ -234,7 +234,11 @@ class EngineLoop:
         """The engine's share of WorkerStats, by field name; taken on this thread, read from any."""
         engine = self.engine
         stats = engine.stats()
-        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in engine.scheduler.waiting)
+        # Prompt tokens still to compute: what the prefix cache already holds of a waiting prompt is not queued work
+        # (cache-aware routers compare it with the uncached part of a new prompt).
+        kv = engine.kv
+        waiting_tokens = sum(r.num_tokens - max(r.num_computed_tokens, kv.num_cached_tokens_of(r))
+                             for r in engine.scheduler.waiting)
         return dict(
             num_running=stats.num_running, num_waiting=stats.num_waiting, num_waiting_tokens=waiting_tokens,
             num_kv_held=len(self.leases), num_blocks=stats.num_blocks, num_free_blocks=stats.num_free_blocks,

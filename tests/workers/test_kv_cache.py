@@ -43,6 +43,20 @@ def test_freed_cached_blocks_are_evicted_lru():
     assert c is a and pool.lookup(111) is None and pool.lookup(222) is b
 
 
+def test_cached_tokens_of_a_waiting_request_are_what_its_scheduling_would_hit():
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    first = make_request("a", list(range(10)))
+    assert kv.allocate_slots(first, 10)
+    first.num_computed_tokens = 10
+    kv.cache_blocks(first)
+    kv.free(first)
+    waiting = make_request("b", list(range(12)) + [99])  # 3 full blocks; the first 2 are cached
+    assert kv.num_cached_tokens_of(waiting) == 8 == 4 * len(kv.get_computed_blocks(waiting))
+    assert kv.num_cached_tokens_of(make_request("c", list(range(8)))) == 4  # the last token is always computed
+    assert kv.num_cached_tokens_of(make_request("d", [7] + list(range(1, 12)))) == 0
+    assert KVCacheManager(16, 4, enable_prefix_caching=False).num_cached_tokens_of(waiting) == 0
+
+
 def test_prefix_hit_reuses_blocks_and_leaves_last_token_to_compute():
     kv = KVCacheManager(num_blocks=16, block_size=4)
     first = make_request("a", list(range(10)))

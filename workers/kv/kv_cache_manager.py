@@ -43,6 +43,21 @@ class KVCacheManager:
             n += self.block_size
         return n
 
+    def num_cached_tokens_of(self, request: Request) -> int:
+        """Leading tokens of a waiting request that its next scheduling would take from the prefix cache (full
+        blocks, at least one token left to compute); read-only like `num_cached_prefix_tokens`, but incremental: the
+        request's block hashes are computed once and kept. For the load a worker reports (queued prompt tokens)."""
+        if not self.enable_prefix_caching:
+            return 0
+        self._update_hashes(request)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        n = 0
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            if self.pool.lookup(block_hash) is None:
+                break
+            n += self.block_size
+        return n
+
     def block_ids(self, req_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(req_id, ())]
 
