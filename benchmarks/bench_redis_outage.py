@@ -85,18 +85,18 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.http_port, self.interval_s = http_port, interval_s
         self.samples: list[tuple[float, dict]] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 self.samples.append((time.time(), router_samples(self.http_port)))
             except OSError:
                 pass
-            self._stop.wait(self.interval_s)
+            self._done.wait(self.interval_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
@@ -190,7 +190,10 @@ def main() -> int:
             restarted.start()
             events["restarted"] = time.time()
             events["_server"] = restarted  # type: ignore[assignment]
+            # The server gets SIGTERM when the thread that started it ends (EmbeddedRedis): live until the end.
+            finished.wait()
 
+        finished = threading.Event()
         chaos_thread = threading.Thread(target=chaos, daemon=True)
         start = time.time()
         chaos_thread.start()
@@ -201,7 +204,6 @@ def main() -> int:
             return await rag_task, semantic
 
         load, semantic = asyncio.run(both())
-        chaos_thread.join()
         time.sleep(3)
         sampler.stop()
         restarted = events.pop("_server")
@@ -250,6 +252,8 @@ def main() -> int:
                          f"down after {r['router_saw_redis_down_s']} s; after the restart: {r['recovery_s']}")
             md = "\n".join(lines)
         report([row], out_dir, md)
+        finished.set()
+        chaos_thread.join()
         restarted.stop()
     finally:
         if server is not None:

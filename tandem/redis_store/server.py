@@ -60,6 +60,8 @@ class EmbeddedRedis:
 
     `maxmemory` (bytes, 0: no cap) with `allkeys-lru` eviction bounds what a runaway cache can take. The process
     runs in its own session so that a Ctrl-C to the terminal's process group reaches only its owner, which stops it.
+    It also gets SIGTERM when the *thread* that called `start()` ends (Linux's PR_SET_PDEATHSIG follows the thread,
+    not the process): start it from a thread that outlives it, such as the main thread.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, maxmemory: int = 0, password: str | None = None,
