@@ -6,6 +6,7 @@ in Redis is a cache, rebuilt by the workers' snapshots after a restart.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -40,13 +41,17 @@ def find_server_binary() -> Path:
         "valkey-server or redis-server on PATH, or pass --redis-url redis://host:port to use a running one")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies, even by SIGKILL (Linux's
-    PR_SET_PDEATHSIG, prctl(2)); elsewhere a no-op, and stop() is the only way it ends."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+# prctl(2), resolved here and not in the child: between fork and exec the child may only make plain C calls (an
+# import or a lock another thread held at the fork could hang it).
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the thread that started it dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG); elsewhere nothing, and stop() is the only way it ends."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _free_port(host: str) -> int:
