@@ -39,6 +39,7 @@ import grpc  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.bench_engine import _cpu_model  # noqa: E402
 from tandem.redis_store import EmbeddedRedis  # noqa: E402
 from tandem.v1 import generation_pb2 as pb  # noqa: E402
 from tandem.v1 import worker_pb2 as wpb  # noqa: E402
@@ -67,16 +68,6 @@ def wait_drained(server: WorkerServer, pushed_before: int, timeout_s: float = 60
         if time.monotonic() > deadline:
             raise TimeoutError("the evicted blocks did not reach Redis")
         time.sleep(0.01)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 async def _thread_time() -> float:
@@ -165,7 +156,7 @@ def main() -> None:
 
     cost = server.kv_tier.cost
     summary = dict(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_model(), cpus=os.cpu_count(),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), cpu=_cpu_model() or platform.processor(), cpus=os.cpu_count(),
         torch=torch.__version__, torch_threads=args.torch_threads, load_avg_start=load_start,
         load_avg_end=round(os.getloadavg()[0], 2),
         model=server.engine.model_name, block_bytes=block_bytes, kv_cache_blocks=num_blocks,
