@@ -103,6 +103,10 @@ class CircuitBreaker:
             return True
         return False
 
+    def release_probe(self) -> None:
+        """A call let through ended with neither success nor failure (cancelled): another may probe."""
+        self._probing = False
+
     def record_success(self) -> None:
         self._failures = 0
         self._probing = False
@@ -177,7 +181,7 @@ class RedisStore:
             self.on_call(time.monotonic() - start, False)
             raise RedisUnavailable(f"redis at {self.config.redacted_url}: {type(e).__name__}: {e}") from None
         except BaseException:
-            self.breaker._probing = False
+            self.breaker.release_probe()
             raise
         self.breaker.record_success()
         self.on_call(time.monotonic() - start, True)
