@@ -25,6 +25,7 @@ from router.config import RouterConfig
 from router.policy import (Balance, Choice, WorkerLoad, pick_decode, pick_decode_cache_aware, pick_prefill,
                            pick_prefill_cache_aware)
 from router.routing import PromptBlocks, Route, match_tokens
+from tandem.aio import cancel_and_wait
 from tandem.tls import TLSConfig, aio_channel
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
@@ -156,13 +157,9 @@ class WorkerPool:
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *(w.poller for w in self.workers.values())) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await asyncio.gather(*(w.channel.close() for w in self.workers.values()), return_exceptions=True)
-        for t in self._closers:
-            t.cancel()
-        await asyncio.gather(*self._closers, return_exceptions=True)
+        await cancel_and_wait(*self._closers)
         self.workers.clear()
         await self._channel.close()
 

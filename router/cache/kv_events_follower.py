@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from router.cache.prefix_index import HASH_VERSION, PrefixIndex
+from tandem.aio import cancel_and_wait
 from tandem.redis_store import RedisStore, RedisUnavailable, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,7 @@ class KVEventsFollower:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         await self.store.close()
 

