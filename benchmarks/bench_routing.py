@@ -19,7 +19,9 @@ Phases (the same script and seed, so both policies get the very same requests at
                      router is killed (SIGKILL) and started again. Requests sent while it is down fail (counted).
                      Reported: the hit rate (cached / ideal) of requests sent in the 30 s before the kill, and of
                      those sent in the first 10 s after the new router served its first request (the client's
-                     channel reconnects with gRPC's backoff), plus 5 s bins.
+                     channel reconnects with gRPC's backoff), plus 5 s bins; and, sampled every 0.25 s, how long
+                     the restarted router's prefix index took to hold 99% of the blocks of the cluster's own router
+                     (never restarted, following the same workers).
 
 Sizing, so that the cache-aware advantage can show: the working set (the sum of the groups' shared prefixes) must be
 larger than one worker's KV cache but fit in the two prefill workers' caches together. The script computes it from
@@ -163,7 +165,8 @@ def router_counters(http_port: int) -> dict[str, float]:
 
 def run_policy(policy: str, args, kv_bytes: int, prefix_lens: dict[int, int], working_set: int, out_dir: Path,
                tokenizer) -> dict:
-    extra = [*CLUSTER_ARGS, "--routing-policy", policy, "--kv-cache-memory-bytes", str(kv_bytes)]
+    extra = [*CLUSTER_ARGS, "--routing-policy", policy, "--kv-cache-memory-bytes", str(kv_bytes),
+             "--kv-offload", args.kv_offload]
     run_dir = out_dir / policy
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(REPO / ".venv" / "bin" / "tandem"), "up", "--port", str(args.grpc_port), "--http-port",
@@ -226,6 +229,44 @@ class RouterProcess:
         self.log.close()
 
 
+def index_blocks(http_port: int) -> float | None:
+    """The router's tandem_router_prefix_index_blocks (None while it does not answer)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "tandem_router_prefix_index_blocks":
+                return s.value
+    return None
+
+
+class IndexSampler(threading.Thread):
+    """Every 0.25 s, the prefix index size of the cluster's own router (never restarted: the reference) and of the
+    restarted one: how complete the restarted router's index is, over time."""
+
+    def __init__(self, reference_port: int, restarted_port: int):
+        super().__init__(daemon=True)
+        self.ports = (reference_port, restarted_port)
+        self.samples: list[tuple[float, float | None, float | None]] = []  # (monotonic s, reference, restarted)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            self.samples.append((time.monotonic(), *(index_blocks(port) for port in self.ports)))
+
+    def full_again_s(self, since: float, fraction: float = 0.99) -> float | None:
+        """Seconds from `since` (monotonic) until the restarted router's index held `fraction` of the reference's."""
+        for t, ref, new in self.samples:
+            if t >= since and ref and new is not None and new >= fraction * ref:
+                return t - since
+        return None
+
+
 def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
     """The restart phase, on the running cache_aware cluster whose `tandem up` logged to out_dir."""
     log = (out_dir / "tandem-up.log").read_text()
@@ -244,6 +285,7 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
         try:
             times["kill_s"] = time.monotonic() - times["t0"]
             router.kill()
+            times["started"] = time.monotonic()
             router.start()
             router.wait_serving(args.restart_http_port, args.start_timeout_s)
             times["serving_s"] = time.monotonic() - times["t0"]
@@ -259,6 +301,8 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
         timer.start()
 
     router.start()
+    sampler = IndexSampler(args.http_port, args.restart_http_port)
+    sampler.start()
     try:
         router.wait_serving(args.restart_http_port, args.start_timeout_s)
         target = f"127.0.0.1:{args.restart_grpc_port}"
@@ -269,6 +313,7 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
         if timer.is_alive():
             timer.join()  # the restart is under way: let it finish before stopping the router
     finally:
+        sampler.done.set()
         router.stop()
     records = result["requests"]
     if errors:
@@ -287,7 +332,14 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
     for start in range(0, int(math.ceil(max(r["send_s"] for r in records))) + 1, 5):
         rate, n = hit_rate(records, prefix_lens, block_size, start, start + 5, records)
         bins.append({"from_s": start, "hit_rate": rate, "requests": n})
+    started, t0 = times["started"], times["t0"]
+    kill_ref = [ref for t, ref, _ in sampler.samples if t <= t0 + kill_s and ref is not None]
+    index = {"blocks_at_kill_reference": kill_ref[-1] if kill_ref else None,
+             "full_again_s_from_start": sampler.full_again_s(started),
+             "full_again_s_from_serving": sampler.full_again_s(t0 + serving_s),
+             "samples": [(round(t - t0, 2), ref, new) for t, ref, new in sampler.samples if t >= started - 1]}
     return {"kill_s": kill_s, "serving_again_s": serving_s, "down_s": serving_s - kill_s, "first_ok_s": first_ok_s,
+            "index": index,
             "hit_rate_30s_before": before, "requests_before": n_before,
             "hit_rate_first_10s_after": after, "requests_after": n_after,
             "recovered": before is not None and after is not None and after >= 0.9 * before,
@@ -316,6 +368,10 @@ def markdown(rows: list[dict]) -> str:
                          f"{restart['hit_rate_first_10s_after']} ({restart['requests_after']} requests) in the first "
                          f"10 s from the first request served after it: {'recovered' if restart['recovered'] else 'NOT recovered'} (target >= 90%); "
                          f"{restart['failed_requests']} requests failed (most while it was down)")
+            index = restart["index"]
+            lines.append(f"\nrestarted router's prefix index at 99% of the never-restarted router's: "
+                         f"{index['full_again_s_from_start']} s after its process started, "
+                         f"{index['full_again_s_from_serving']} s after it served again (target: within 10 s)")
     return "\n".join(lines)
 
 
@@ -329,6 +385,9 @@ def main() -> int:
     p.add_argument("--capacity-ratio", type=float, default=1.5,
                    help="working set / one worker's KV cache; must be in (1, 2] (default %(default)s)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="override the computed size")
+    p.add_argument("--kv-offload", default="off", choices=["auto", "on", "off"],
+                   help="the remote KV tier (tandem up --kv-offload); off by default: it would hand `load` some of "
+                        "the hits that routing is measured on here (the tier has its own benchmark, bench_kv_tier)")
     p.add_argument("--no-restart", action="store_true", help="skip the router-restart phase")
     p.add_argument("--restart-at-s", type=float, default=60.0, help="into the restart phase's run")
     p.add_argument("--restart-duration", type=float, default=120.0, help="seconds of the restart phase's run")

@@ -19,7 +19,7 @@ With the remote KV tier (kv_offload): tandem_kv_tier_lookups_total (prompts whos
   tandem_kv_tier_requests_total{result=hit|miss|skipped|error} (skipped: the cost model chose to recompute),
   tandem_kv_tier_hit_tokens_total (prompt tokens inserted from the tier), tandem_kv_tier_blocks_total and
   tandem_kv_tier_bytes_total{direction=pulled|pushed|dropped}, tandem_kv_tier_checksum_failures_total,
-  tandem_kv_tier_pull_latency_seconds.
+  tandem_kv_tier_pull_latency_seconds, tandem_kv_tier_wait_seconds{result} (how long prompts waited on the tier).
 
 Prefix cache counters count each request once, when the worker admits it to compute its prompt: not at every
 scheduling attempt while it waits for blocks, nor again after a preemption. A disaggregated request is counted by
@@ -138,6 +138,11 @@ class WorkerMetrics:
             "tandem.kv_tier.pull_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
             description="Time to pull a prompt's blocks from the remote KV tier (lookup to last value checked)")
         tier.on_pull_latency = lambda seconds: latency.record(seconds, self.attributes)
+        wait = meter.create_histogram(
+            "tandem.kv_tier.wait", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
+            description="Time a prompt waited on the remote KV tier before its prefill, by result (hit: the whole "
+                        "pull; miss, skipped, error: the lookup that gave nothing to use)")
+        tier.on_wait = lambda seconds, result: wait.record(seconds, {**self.attributes, "result": result})
 
     def record_fetch(self, seconds: float, transport: str) -> None:
         self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})

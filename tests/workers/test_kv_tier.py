@@ -95,6 +95,7 @@ def test_an_evicted_prefix_is_pulled_back_with_the_same_greedy_output(worker, re
     assert value(metrics, "tandem_kv_tier_bytes_total", direction="pulled") > 0
     assert value(metrics, "tandem_kv_tier_bytes_total", direction="pushed") > 0
     assert value(metrics, "tandem_kv_tier_pull_latency_seconds_count") == worker.kv_tier.stats["hits"]
+    assert value(metrics, "tandem_kv_tier_wait_seconds_count", result="hit") == worker.kv_tier.stats["hits"]
 
 
 @pytest.mark.slow
@@ -138,6 +139,11 @@ def test_redis_down_means_recompute_and_the_request_is_served():
         assert again == recomputed
         assert cached == local  # recomputed past the local prefix
         assert worker.kv_tier.stats["errors"] >= 1
+        # A dead Redis is found out fast: the request's wait on the tier ends in an error well under 100 ms.
+        waits = scrape(worker)
+        assert value(waits, "tandem_kv_tier_wait_seconds_count", result="error") == worker.kv_tier.stats["errors"]
+        assert value(waits, "tandem_kv_tier_wait_seconds_bucket", result="error", le="0.1") \
+            == worker.kv_tier.stats["errors"]
         # Evictions keep coming while Redis is down; they are dropped, not queued without bound.
         generate(worker, b, "b-down")
         assert worker.kv_tier._pending_bytes <= worker.kv_tier.config.max_pending_bytes

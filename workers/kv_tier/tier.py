@@ -114,6 +114,8 @@ class RemoteKVTier:
         self._written: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._written_bytes = 0
         self.on_pull_latency = None  # callable(seconds) for a latency histogram
+        # callable(seconds, result) after every lookup, whatever its end: how long a prompt waited on the tier
+        self.on_wait = None
         self.last_error = ""  # the last Redis failure, for logs and tests
         self.stats = dict.fromkeys((
             "lookups", "hits", "misses", "skipped", "hit_tokens", "pulled_bytes", "pulled_blocks",
@@ -258,8 +260,10 @@ class RemoteKVTier:
             return None
         self.stats["lookups"] += 1
         start = time.perf_counter()
+        result = "error"
         try:
-            return await self._fetch(token_ids, num_cached_blocks, max_blocks, start)
+            result, pulled = await self._fetch(token_ids, num_cached_blocks, max_blocks, start)
+            return pulled
         except RedisUnavailable as e:
             self.stats["errors"] += 1
             self.last_error = f"pull: {e}"
@@ -273,9 +277,14 @@ class RemoteKVTier:
         except Exception:  # noqa: BLE001 - never fail a request for the tier
             self.stats["errors"] += 1
             log.exception("kv tier: pull failed; recomputing")
+        finally:
+            if self.on_wait is not None:
+                self.on_wait(time.perf_counter() - start, result)
         return None
 
-    async def _fetch(self, token_ids: list[int], first: int, end: int, start: float) -> PulledKV | None:
+    async def _fetch(self, token_ids: list[int], first: int, end: int,
+                     start: float) -> tuple[str, PulledKV | None]:
+        """(result, the pulled KV): result is hit, miss or skipped (the cost model chose to recompute)."""
         bs = self.block_size
         block_hashes = hash_token_blocks(token_ids[: end * bs], bs, self.hash_extra)[first:]
         # Which blocks does Redis hold? Rank 0's keys, in one round trip; a missing rank shows up in the MGET.
@@ -292,11 +301,11 @@ class RemoteKVTier:
         num_blocks = next((i for i, n in enumerate(held) if not n), len(held))
         if num_blocks == 0:
             self.stats["misses"] += 1
-            return None
+            return "miss", None
         estimate = self.cost.estimate(num_blocks * self.block_bytes, num_blocks * bs)
         if not estimate.pays:
             self.stats["skipped"] += 1
-            return None
+            return "skipped", None
         deadline = start + min(self.config.pull_timeout_s, estimate.recompute_s)
         blocks: list[list[torch.Tensor]] = [[] for _ in self.layouts]
         per_batch = max(1, self.config.batch_bytes // self.block_bytes)
@@ -311,7 +320,7 @@ class RemoteKVTier:
             for j, (key, value) in enumerate(zip(batch_keys, values)):
                 if value is None:
                     self.stats["misses"] += 1
-                    return None  # expired or evicted since the EXISTS
+                    return "miss", None  # expired or evicted since the EXISTS
                 h, layout = hashes[j // len(self.layouts)], self.layouts[j % len(self.layouts)]
                 try:
                     blocks[layout.tp_rank].append(decode_block(layout, h, value))
@@ -326,7 +335,7 @@ class RemoteKVTier:
         self.stats["hits"] += 1
         self.stats["pulled_blocks"] += num_blocks
         self.stats["pulled_bytes"] += num_bytes
-        return PulledKV(token_ids, first, [torch.stack(rank_blocks, dim=2) for rank_blocks in blocks])
+        return "hit", PulledKV(token_ids, first, [torch.stack(rank_blocks, dim=2) for rank_blocks in blocks])
 
     async def _discard(self, key: str) -> None:
         """A bad value: delete it, so that no other worker pulls it."""
