@@ -14,8 +14,10 @@ restarted cache loses its contents, as a real one without persistence does).
 
 Reported: requests and failures of each load; TTFT p50 / max before, during and after the outage (a request that
 waited on Redis would show as a TTFT jump during it); the router's `tandem_router_redis_up` and prefix-index size
-sampled every 0.25 s; from the restart to (a) the router seeing Redis up, (b) the prefix index holding blocks
-again, (c) the first semantic-cache store that succeeded, (d) the first stream batch applied after it.
+sampled every 0.25 s; the workers' tandem_kv_tier_wait_seconds (the only Redis wait on a request's path) per
+phase, with how many waits ended within 100 ms; from the restart to (a) the router seeing Redis up, (b) the prefix
+index holding blocks again, (c) the first semantic-cache store that succeeded, (d) the first stream batch applied
+after it.
 """
 from __future__ import annotations
 
@@ -136,6 +138,44 @@ async def semantic_load(http_port: int, duration_s: float, interval_s: float) ->
     return records
 
 
+def worker_metrics_urls(grpc_port: int) -> list[str]:
+    """Every worker's Prometheus endpoint, from the router's Cluster/GetStatus (WorkerInfo.metrics_address)."""
+    import grpc
+
+    from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        status = worker_pb2_grpc.ClusterStub(channel).GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+    return [f"http://{w.info.metrics_address}/metrics" for w in status.workers if w.info.metrics_address]
+
+
+def tier_waits(urls: list[str]) -> dict[str, float]:
+    """The workers' tandem_kv_tier_wait_seconds, summed: prompts that waited on the KV tier, and those that waited
+    at most 100 ms ("le_0.1"), each by result (hit, miss, skipped, error) and in all."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {"count": 0.0, "le_0.1": 0.0}
+    for url in urls:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                result = sample.labels.get("result")
+                if sample.name == "tandem_kv_tier_wait_seconds_count":
+                    key = "count"
+                elif sample.name == "tandem_kv_tier_wait_seconds_bucket" and float(sample.labels["le"]) == 0.1:
+                    key = "le_0.1"
+                else:
+                    continue
+                out[key] += sample.value
+                out[f"{key}_{result}"] = out.get(f"{key}_{result}", 0.0) + sample.value
+    return out
+
+
+def waits_between(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in sorted(set(a) | set(b)) if b.get(k, 0.0) - a.get(k, 0.0)}
+
+
 def phase_stats(records: list[dict], start: float, end: float) -> dict:
     sel = [r for r in records if start <= r["send_s"] < end]
     ttfts = [r["ttft_ms"] for r in sel if r["ttft_ms"] is not None]
@@ -180,8 +220,12 @@ def main() -> int:
         sampler.start()
         events: dict[str, float] = {}
 
+        metrics_urls = worker_metrics_urls(grpc_port)
+        waits = {"start": tier_waits(metrics_urls)}
+
         def chaos() -> None:
             time.sleep(args.kill_at_s)
+            waits["killed"] = tier_waits(metrics_urls)
             os.kill(redis.proc.pid, signal.SIGKILL)
             redis.proc.wait()
             events["killed"] = time.time()
@@ -189,6 +233,7 @@ def main() -> int:
             restarted = EmbeddedRedis(port=redis_port)
             restarted.start()
             events["restarted"] = time.time()
+            waits["restarted"] = tier_waits(metrics_urls)
             events["_server"] = restarted  # type: ignore[assignment]
             # The server gets SIGTERM when the thread that started it ends (EmbeddedRedis): live until the end.
             finished.wait()
@@ -205,6 +250,7 @@ def main() -> int:
 
         load, semantic = asyncio.run(both())
         time.sleep(3)
+        waits["end"] = tier_waits(metrics_urls)
         sampler.stop()
         restarted = events.pop("_server")
         rag = [{"send_s": start + r.send_s, "ttft_ms": r.ttft_ms, "status": r.status, "error": r.error}
@@ -235,6 +281,11 @@ def main() -> int:
                 "first_semantic_store_ok": first_after(
                     samples, back, lambda s: s.get("semantic_stores_stored", 0) > stores_ok_at_restart),
             },
+            # How long prompts waited on the KV tier (the one Redis wait on a request's path; the router's caches
+            # answer from memory): counts, and how many of them within 100 ms, per phase.
+            "kv_tier_waits": {"before": waits_between(waits["start"], waits["killed"]),
+                              "during": waits_between(waits["killed"], waits["restarted"]),
+                              "after": waits_between(waits["restarted"], waits["end"])},
             "index_blocks_before_kill": blocks_before,
             "kill_at_s": args.kill_at_s, "restart_at_s": args.restart_at_s, "duration_s": args.duration,
         }
@@ -250,6 +301,9 @@ def main() -> int:
             lines.append("")
             lines.append(f"failed in all: {r['failed_total']}; semantic hits: {r['semantic_hits']}; router saw Redis "
                          f"down after {r['router_saw_redis_down_s']} s; after the restart: {r['recovery_s']}")
+            for phase, w in r["kv_tier_waits"].items():
+                lines.append(f"\nKV tier waits {phase}: {w.get('count', 0):.0f} prompts, "
+                             f"{w.get('le_0.1', 0):.0f} of them within 100 ms ({w})")
             md = "\n".join(lines)
         report([row], out_dir, md)
         finished.set()

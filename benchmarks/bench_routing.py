@@ -192,6 +192,8 @@ def run_policy(policy: str, args, kv_bytes: int, prefix_lens: dict[int, int], wo
                "router": router_counters(args.http_port), "result": str(run_dir / "result.json")}
         if policy == "cache_aware" and not args.no_restart:
             row["restart"] = run_restart(args, run_dir, block_size, tokenizer)
+        if policy == "cache_aware" and args.kill_worker_at_s is not None:
+            row["worker_kill"] = run_worker_kill(args, run_dir, tokenizer)
         return row
     finally:
         server.stop()
@@ -347,6 +349,59 @@ def run_restart(args, out_dir: Path, block_size: int, tokenizer) -> dict:
             "result": str(out_dir / "restart" / "result.json")}
 
 
+def run_worker_kill(args, out_dir: Path, tokenizer) -> dict:
+    """The worker-kill phase, on the running cache_aware cluster: a new run of the scenario (seed + 2) through the
+    cluster's own router; --kill-worker-at-s into it, a prefill worker's process gets SIGKILL (tandem up replaces
+    it). Reported: when its blocks left the router's prefix index (the router's log line) against the workers'
+    snapshot interval, and, over the run, the cached prompt tokens the router predicted against those the workers
+    reported (its counters' growth during the run)."""
+    import grpc
+
+    from tandem.v1 import worker_pb2, worker_pb2_grpc
+    from workers.server import WorkerConfig  # its kv_events_interval_s: tandem up's workers keep the default
+
+    scenario = make_scenario(args, args.seed + 2).with_overrides(duration_s=args.kill_duration)
+    with grpc.insecure_channel(f"127.0.0.1:{args.grpc_port}") as channel:
+        status = worker_pb2_grpc.ClusterStub(channel).GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+    victim = next(w.info for w in status.workers if w.info.role == "prefill")
+    killed: dict[str, float] = {}
+
+    def kill() -> None:
+        killed["wall"] = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        print(f"[worker kill] prefill worker {victim.worker_id} (pid {victim.pid}) killed", flush=True)
+
+    timer = threading.Timer(args.kill_worker_at_s, kill)
+    before = router_counters(args.http_port)
+    target = f"127.0.0.1:{args.grpc_port}"
+    load = asyncio.run(drive(scenario, tokenizer, target=target, on_start=lambda total: timer.start()))
+    timer.cancel()
+    time.sleep(1)
+    after = router_counters(args.http_port)
+    result = build_result(scenario, load, target=target)
+    write_outputs(result, load, scenario, out_dir / "worker-kill")
+    if "wall" not in killed:
+        raise RuntimeError("the run ended before the worker kill: raise --kill-duration or lower --kill-worker-at-s")
+    left_s = None
+    pattern = re.compile(r"^(\S+ \S+),(\d+) .*prefix index: worker " + re.escape(victim.worker_id)
+                         + r" .*leave the index")
+    for line in (out_dir / "tandem-up.log").read_text().splitlines():
+        m = pattern.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000
+            if t >= killed["wall"] - 1:
+                left_s = t - killed["wall"]
+                break
+    grown = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    predicted = grown.get("tandem_router_prefix_cache_predicted_tokens_total", 0)
+    cached = grown.get("tandem_router_prefix_cache_cached_tokens_total", 0)
+    return {"victim": victim.worker_id, "kill_s": args.kill_worker_at_s, "left_index_s": left_s,
+            "snapshot_interval_s": WorkerConfig.kv_events_interval_s, "completed": result["completed"],
+            "failed": result["failed"], "predicted_tokens": predicted, "cached_tokens": cached,
+            "predicted_vs_cached": (predicted - cached) / cached if cached else None,
+            "result": str(out_dir / "worker-kill" / "result.json")}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| policy | completed | failed | TTFT p50 (ms) | TTFT p99 (ms) | cached tokens | ideal | cached/ideal |",
              "|" + "---|" * 8]
@@ -366,12 +421,20 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"\nrouter restart: down {restart['down_s']:.1f} s; hit rate {restart['hit_rate_30s_before']} "
                          f"({restart['requests_before']} requests) in the 30 s before the kill, "
                          f"{restart['hit_rate_first_10s_after']} ({restart['requests_after']} requests) in the first "
-                         f"10 s from the first request served after it: {'recovered' if restart['recovered'] else 'NOT recovered'} (target >= 90%); "
+                         f"10 s from the first request served after it: "
+                         f"{'recovered' if restart['recovered'] else 'NOT recovered'} (target >= 90%); "
                          f"{restart['failed_requests']} requests failed (most while it was down)")
             index = restart["index"]
             lines.append(f"\nrestarted router's prefix index at 99% of the never-restarted router's: "
                          f"{index['full_again_s_from_start']} s after its process started, "
                          f"{index['full_again_s_from_serving']} s after it served again (target: within 10 s)")
+        kill = r.get("worker_kill")
+        if kill:
+            lines.append(f"\nworker kill: {kill['victim']} killed at {kill['kill_s']} s; its blocks left the index "
+                         f"{kill['left_index_s']} s later (snapshot interval {kill['snapshot_interval_s']} s); over "
+                         f"the run the router predicted {kill['predicted_tokens']:.0f} cached tokens, the workers "
+                         f"reported {kill['cached_tokens']:.0f} ({kill['predicted_vs_cached']}; target within 5%); "
+                         f"{kill['completed']} completed, {kill['failed']} failed")
     return "\n".join(lines)
 
 
@@ -389,6 +452,9 @@ def main() -> int:
                    help="the remote KV tier (tandem up --kv-offload); off by default: it would hand `load` some of "
                         "the hits that routing is measured on here (the tier has its own benchmark, bench_kv_tier)")
     p.add_argument("--no-restart", action="store_true", help="skip the router-restart phase")
+    p.add_argument("--kill-worker-at-s", type=float, default=None,
+                   help="run the worker-kill phase (after the restart phase), killing a prefill worker this far in")
+    p.add_argument("--kill-duration", type=float, default=120.0, help="seconds of the worker-kill phase's run")
     p.add_argument("--restart-at-s", type=float, default=60.0, help="into the restart phase's run")
     p.add_argument("--restart-duration", type=float, default=120.0, help="seconds of the restart phase's run")
     p.add_argument("--restart-rate", type=float, default=1.0,
