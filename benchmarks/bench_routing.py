@@ -161,12 +161,19 @@ def router_counters(http_port: int) -> dict[str, float]:
     return out
 
 
+def local_prefill_args(args) -> list[str]:
+    """The router's conditional-disaggregation threshold, when the run sets one (else the router's default)."""
+    if args.max_local_prefill_length is None:
+        return []
+    return ["--max-local-prefill-length", str(args.max_local_prefill_length)]
+
+
 # --- the phases -----------------------------------------------------------------------------------------------
 
 def run_policy(policy: str, args, kv_bytes: int, prefix_lens: dict[int, int], working_set: int, out_dir: Path,
                tokenizer) -> dict:
     extra = [*CLUSTER_ARGS, "--routing-policy", policy, "--kv-cache-memory-bytes", str(kv_bytes),
-             "--kv-offload", args.kv_offload]
+             "--kv-offload", args.kv_offload, *local_prefill_args(args)]
     run_dir = out_dir / policy
     run_dir.mkdir(parents=True, exist_ok=True)
     argv = [str(REPO / ".venv" / "bin" / "tandem"), "up", "--port", str(args.grpc_port), "--http-port",
@@ -189,6 +196,7 @@ def run_policy(policy: str, args, kv_bytes: int, prefix_lens: dict[int, int], wo
                "cached_tokens": cached, "ideal_cached_tokens": ideal,
                "cached_of_ideal": cached / ideal if ideal else None, "kv_capacity_tokens": capacity,
                "working_set_tokens": working_set, "sized_as_intended": sized,
+               "max_local_prefill_length": args.max_local_prefill_length,
                "router": router_counters(args.http_port), "result": str(run_dir / "result.json")}
         if policy == "cache_aware" and not args.no_restart:
             row["restart"] = run_restart(args, run_dir, block_size, tokenizer)
@@ -205,7 +213,7 @@ class RouterProcess:
     def __init__(self, registry: str, redis_url: str, args, log_path: Path):
         self.argv = [sys.executable, "-m", "router", "--registry", registry, "--redis-url", redis_url,
                      "--routing-policy", "cache_aware", "--port", str(args.restart_grpc_port),
-                     "--http-port", str(args.restart_http_port)]
+                     "--http-port", str(args.restart_http_port), *local_prefill_args(args)]
         self.log = open(log_path, "a")
         self.proc: subprocess.Popen | None = None
 
@@ -451,6 +459,9 @@ def main() -> int:
     p.add_argument("--kv-offload", default="off", choices=["auto", "on", "off"],
                    help="the remote KV tier (tandem up --kv-offload); off by default: it would hand `load` some of "
                         "the hits that routing is measured on here (the tier has its own benchmark, bench_kv_tier)")
+    p.add_argument("--max-local-prefill-length", type=int, default=None,
+                   help="tandem up's (and the restarted router's) conditional-disaggregation threshold: a prompt "
+                        "whose uncached part is shorter is prefilled on the decode worker (default: the router's)")
     p.add_argument("--no-restart", action="store_true", help="skip the router-restart phase")
     p.add_argument("--kill-worker-at-s", type=float, default=None,
                    help="run the worker-kill phase (after the restart phase), killing a prefill worker this far in")
