@@ -79,6 +79,7 @@ class PlannerConfig:
     # One replica's prefill capacity, prompt tokens/s, measured beforehand (bench_engine's prefill figure; Dynamo's
     # planner profiles it the same way); None: learned from the load. A larger rate seen under load replaces it.
     prefill_tokens_per_s_per_replica: float | None = None
+    saturation_backlog_s: float = 5.0  # a backlog this many seconds of work long means the pool is saturated
     gpu_budget: int | None = None  # None: no limit
     tolerance: float = 0.1  # the HPA's default
     scale_down_utilization: float = 0.5
@@ -253,8 +254,12 @@ class Planner:
         mem.rates.append((now_s, load.request_rate))
         while mem.rates and mem.rates[0][0] < now_s - self.config.trend_window_s:
             mem.rates.popleft()
-        # A pool computes at its capacity only while work waits; then its rate per replica measures it.
-        if load.queued_prompt_tokens > 0 and have.ready > 0:
+        # A pool computes at its capacity only while work keeps waiting: a backlog of at least
+        # `saturation_backlog_s` of what it computed (a request that just arrived into an idle interval is no
+        # measure: recorded on a real ramp, that read 41 tokens/s and asked for a second prefill worker at
+        # 0.4 req/s). Then its rate per replica measures its capacity.
+        saturated = load.queued_prompt_tokens >= load.prompt_tokens_per_s * self.config.saturation_backlog_s
+        if saturated and load.prompt_tokens_per_s > 0 and have.ready > 0:
             mem.prefill_rate_per_replica = max(mem.prefill_rate_per_replica, load.prompt_tokens_per_s / have.ready)
 
     def _signals(self, now_s: float, role: str, have: PoolReplicas, load: PoolLoad,
@@ -273,6 +278,8 @@ class Planner:
                 if warm:
                     signals["queue"] = load.queued_prompt_tokens / capacity / (cfg.ttft_slo_s * cfg.queue_share)
                 signals["throughput"] = load.prompt_tokens_per_s / capacity / cfg.target_prefill_utilization
+            elif have.ready > 0 and load.prompt_tokens_per_s == 0 and load.queued_prompt_tokens == 0:
+                signals["throughput"] = 0.0  # nothing to compute: idle whatever the capacity
         if role in ("decode", "both"):
             if latency_ok and load.tpot_p90_s is not None:
                 signals["tpot"] = load.tpot_p90_s / (cfg.tpot_slo_s * cfg.slo_headroom)

@@ -11,6 +11,7 @@ import pytest
 
 from cluster.autoscaler.planner import Planner, PlannerConfig, PoolLimits, PoolLoad, Sample
 from cluster.pools import PoolReplicas
+from cluster.autoscaler.series import load_series
 
 DATA = Path(__file__).parent / "data"
 TICK_S = 10.0
@@ -286,3 +287,27 @@ def test_bad_limits_name_the_field():
         PoolLimits(3, 2)
     with pytest.raises(ValueError, match="min_replicas"):
         PoolLimits(-1, 2)
+
+
+def test_a_recorded_ramp_scales_up_under_load_only():
+    """A series recorded from a real cluster (1 prefill + 1 decode worker, the default model, 2 CPU cores) while
+    `tandem loadtest ramp` raised arrivals from 0.25 to 3 req/s over 150 s, then nothing for 60 s
+    (benchmarks/record_autoscaler_series.py, 5 s intervals). Replayed with the pools left as they were (every
+    decision taken as not applied): no scale-up from the ramp's first, light minute (few requests, a momentary
+    queue: the cold-start samples), both pools asked to grow once TTFT and TPOT pass their SLOs, and the idle tail
+    asks for nothing more."""
+    planner = Planner(PlannerConfig(pools={"prefill": PoolLimits(1, 4), "decode": PoolLimits(1, 4)}))
+    ups: dict[str, list[tuple[float, str]]] = {"prefill": [], "decode": []}
+    for t_s, pools, sample in load_series(DATA / "ramp_1p1d.jsonl"):
+        for d in planner.plan(t_s, pools, sample).values():
+            if d.changes:
+                assert d.desired > d.current and d.desired <= 2  # one step from 1: at most doubled
+                ups[d.role].append((t_s, d.reason))
+                planner.not_applied(d.role, d.current)
+    # The ramp starts at ~10 s; its first minute (<= 1 req/s) is served within the SLOs on one worker each.
+    assert all(t > 70 for t, _ in ups["prefill"] + ups["decode"]), ups
+    assert ups["prefill"] and ups["decode"], ups
+    assert {r for _, r in ups["prefill"]} <= {"ttft", "queue", "throughput", "trend"}
+    assert {r for _, r in ups["decode"]} <= {"tpot", "kv_cache", "trend"}
+    # The load ends at ~160 s; the last requests finish by ~205 s. Nothing is asked for after that.
+    assert all(t <= 210 for t, _ in ups["prefill"] + ups["decode"]), ups
