@@ -283,7 +283,8 @@ class Worker:
 
 
 class RegistryStub:
-    """Served by the cluster controller. Routers poll it to learn which workers exist.
+    """Served by the cluster controller. Routers poll it to learn which workers exist; remote actuators (an
+    autoscaler, a worker pod's preStop hook) size the pools and drain workers through it.
     """
 
     def __init__(self, channel):
@@ -297,14 +298,54 @@ class RegistryStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ScalePool = channel.unary_unary(
+                '/tandem.v1.Registry/ScalePool',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.ScalePoolRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.PoolsResponse.FromString,
+                _registered_method=True)
+        self.GetPools = channel.unary_unary(
+                '/tandem.v1.Registry/GetPools',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.GetPoolsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.PoolsResponse.FromString,
+                _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/tandem.v1.Registry/DrainWorker',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.DrainWorkerResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
-    """Served by the cluster controller. Routers poll it to learn which workers exist.
+    """Served by the cluster controller. Routers poll it to learn which workers exist; remote actuators (an
+    autoscaler, a worker pod's preStop hook) size the pools and drain workers through it.
     """
 
     def ListWorkers(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScalePool(self, request, context):
+        """Set a pool's size. Returns at once: new workers start in the background, leaving ones drain there.
+        INVALID_ARGUMENT for a role the cluster has no pool for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPools(self, request, context):
+        """Every pool's desired size and its workers ready, starting and draining.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainWorker(self, request, context):
+        """Drain the workers named (by worker_id, or every worker on node_ip) and shrink their pools by as many: they
+        take no new requests, finish what they have (at most the controller's drain_timeout_s) and stop.
+        NOT_FOUND when no worker matches.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -317,6 +358,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.ListWorkersRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.ListWorkersResponse.SerializeToString,
             ),
+            'ScalePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScalePool,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.ScalePoolRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.PoolsResponse.SerializeToString,
+            ),
+            'GetPools': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPools,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.GetPoolsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.PoolsResponse.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.DrainWorkerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Registry', rpc_method_handlers)
@@ -326,7 +382,8 @@ def add_RegistryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Registry:
-    """Served by the cluster controller. Routers poll it to learn which workers exist.
+    """Served by the cluster controller. Routers poll it to learn which workers exist; remote actuators (an
+    autoscaler, a worker pod's preStop hook) size the pools and drain workers through it.
     """
 
     @staticmethod
@@ -346,6 +403,87 @@ class Registry:
             '/tandem.v1.Registry/ListWorkers',
             tandem_dot_v1_dot_worker__pb2.ListWorkersRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScalePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/ScalePool',
+            tandem_dot_v1_dot_worker__pb2.ScalePoolRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.PoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPools(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/GetPools',
+            tandem_dot_v1_dot_worker__pb2.GetPoolsRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.PoolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/DrainWorker',
+            tandem_dot_v1_dot_worker__pb2.DrainWorkerRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.DrainWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
