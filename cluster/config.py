@@ -37,6 +37,14 @@ class ClusterConfig:
     # Where workers and the registry listen; None: this node's IP when joining a Ray cluster, else 127.0.0.1.
     host: str | None = None
     registry_port: int = 0
+    # Where the registry listens when not `host` (tandem controller on Kubernetes: 0.0.0.0, for routers in other pods).
+    registry_host: str | None = None
+    # Each worker's placement group also asks for one unit of the Ray resource `tandem_<role>` (in its first
+    # bundle): on KubeRay, the pods of the prefill and decode worker groups offer 1 each, so one worker lands per pod.
+    pool_resources: bool = False
+    # Each pool's size follows the alive Ray nodes (the sum of their `tandem_<role>` resource), read every health
+    # check: a RayCluster's worker group replicas size the pools, and a worker whose node left is not replaced.
+    follow_nodes: bool = False
     health_check_period_s: float = 1.0
     # A worker that does not answer its ping for this long is declared dead: it leaves the registry and is
     # replaced. Routers already route around a silent worker after their worker_stall_timeout_s (1.5 s) and move
@@ -45,6 +53,9 @@ class ClusterConfig:
     # CPU) during which the pool is one short.
     health_check_timeout_s: float = 10.0
     worker_start_timeout_s: float = 600.0
+    # A worker leaving its pool (Controller.scale_pool) takes no new requests and is stopped when it has none left,
+    # or after this long (then the routers move its streams elsewhere, as for a failed worker).
+    drain_timeout_s: float = 60.0
     # Mutual TLS between the registry, routers and workers, KV transfer included (TLSConfig.internal); None: plaintext.
     internal_tls: TLSConfig | None = None
     # The Redis every worker publishes KV events to (tandem up starts an embedded one when not given).
@@ -77,6 +88,8 @@ class ClusterConfig:
                 # The engine runs TP > 1 offline (LLM(tensor_parallel_size=N)); in the cluster, ranks as Ray actors
                 # with per-rank KV transfer are not built yet.
                 raise ValueError(f"{name}: the cluster runs only 1 for now (TP > 1 works offline), got {getattr(self, name)}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
         if {"model", "tensor_parallel_size", "role"} & set(self.engine):
             raise ValueError("engine: set model, tensor_parallel_size and role through the cluster options, "
                              "not engine options")

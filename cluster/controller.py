@@ -4,6 +4,14 @@ replaces dead workers.
 Each worker is a Ray actor in its own STRICT_PACK placement group (one bundle per TP rank). The actor runs a
 WorkerServer (engine loop + gRPC Worker service + KV transport) and reports where it listens; routers find it
 through the registry and talk to it over gRPC, never through Ray.
+
+Pool sizes can change while it runs (`scale_pool`, the autoscaler's actuator): new workers start in the
+background; a worker that leaves drains first: the registry marks it draining (routers send it no new request),
+and it is stopped once its GetStats shows nothing running, waiting or held, or after `drain_timeout_s`.
+
+On Kubernetes (`tandem controller`, KubeRay) each worker asks for the Ray resource `tandem_<role>` that one pod of
+its worker group offers (`pool_resources`), and each pool's size follows the nodes offering it (`follow_nodes`):
+the RayCluster's worker group replicas size the pools.
 """
 from __future__ import annotations
 
@@ -17,10 +25,11 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util import get_node_ip_address, placement_group, remove_placement_group
+from ray.util import get_node_ip_address, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
+from cluster.pools import PoolReplicas
 from cluster.registry import WorkerRegistry
 from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
@@ -69,6 +78,8 @@ class _Worker:
     start_ref: object = None  # ObjectRef of actor.start(): the serialized WorkerInfo
     info: wpb.WorkerInfo | None = None
     started: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    node_id: str | None = None  # the Ray node its placement group landed on, once known (follow_nodes)
 
 
 class Controller:
@@ -77,12 +88,20 @@ class Controller:
         self.registry = WorkerRegistry()
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
+        self._reconciling = threading.Lock()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._started_ray = False
         self.num_replaced = 0
         self.replace_backoff_s = 10.0
         self._backoff_until: dict[str, float] = {}
+        self._desired = {role: n for role, n, _ in config.pools()}
+        self._tp = {role: tp for role, _, tp in config.pools()}
+        self.drain_poll_s = 0.5
+        self.drain_quiet_s = 2.0  # idle this long before it stops: routers poll the registry every second
+        self._drains: dict[str, threading.Thread] = {}  # by worker id, while it drains
+        self._drained_nodes: set[str] = set()  # node IPs drained by DrainWorker: follow_nodes counts them out
+        self.registry.control = self  # ScalePool, GetPools, DrainWorker
 
     @property
     def registry_address(self) -> str | None:
@@ -102,13 +121,17 @@ class Controller:
                 ray.init(address=cfg.ray_address, log_to_driver=True)
             self._started_ray = True
         self.host = cfg.host or ("127.0.0.1" if cfg.ray_address is None else get_node_ip_address())
-        self.registry.serve(self.host, cfg.registry_port, cfg.internal_tls)
-        launched = [self._launch(role, tp) for role, n, tp in cfg.pools() for _ in range(n)]
+        self.registry.serve(cfg.registry_host or self.host, cfg.registry_port, cfg.internal_tls)
+        if cfg.follow_nodes:
+            with self._lock:
+                self._desired.update(pool_sizes_from_nodes(ray.nodes(), self._desired, self._drained_nodes))
+        launched = [self._launch(role, self._tp[role]) for role, n in self._desired.items() for _ in range(n)]
         for w in launched:
             self._await_ready(w)
         self._monitor = threading.Thread(target=self._watch, name="tandem-health", daemon=True)
         self._monitor.start()
-        log.info("cluster up: %s", ", ".join(f"{w.role} {w.worker_id} at {w.info.address}" for w in launched))
+        log.info("cluster up: %s", ", ".join(f"{w.role} {w.worker_id} at {w.info.address}" for w in launched
+                                             if w.info is not None) or "no workers yet")
         return self.registry.address
 
     def stop(self) -> None:
@@ -139,7 +162,10 @@ class Controller:
         if cfg.num_gpus_per_rank:
             bundle["GPU"] = cfg.num_gpus_per_rank
         worker_id = f"{role}-{uuid.uuid4().hex[:8]}"
-        pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK", name=f"tandem-{worker_id}")
+        bundles = [dict(bundle) for _ in range(tp)]
+        if cfg.pool_resources:
+            bundles[0][pool_resource(role)] = 1
+        pg = placement_group(bundles, strategy="STRICT_PACK", name=f"tandem-{worker_id}")
         wcfg = WorkerConfig(
             role=role, engine=cfg.engine_options, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
             worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
@@ -160,10 +186,15 @@ class Controller:
         try:
             info = wpb.WorkerInfo.FromString(ray.get(w.start_ref, timeout=self.config.worker_start_timeout_s))
         except Exception:
+            if w.draining:  # stopped by a scale-down while it started: not a failure
+                return
             self._forget(w)
             raise
-        w.info = info
-        self.registry.add(info)
+        with self._lock:
+            w.info = info
+            if w.draining or w.worker_id not in self._workers:
+                return
+            self.registry.add(info)
 
     def _forget(self, w: _Worker) -> None:
         with self._lock:
@@ -187,6 +218,11 @@ class Controller:
         the choice), leaves the registry at once and is replaced."""
         cfg = self.config
         while not self._stop.wait(cfg.health_check_period_s):
+            if cfg.follow_nodes:
+                try:
+                    self._follow_nodes()
+                except Exception:  # noqa: BLE001 - the GCS may be briefly unreachable; the next round tries again
+                    log.exception("could not read the Ray nodes")
             with self._lock:
                 ready = [w for w in self._workers.values() if w.info is not None]
             pings = {w.worker_id: (w, w.actor.ping.remote()) for w in ready}
@@ -210,23 +246,179 @@ class Controller:
         """Start a replacement for every worker a pool is short of (dead, or a replacement that failed to start).
         A pool whose last start failed waits `replace_backoff_s` before trying again."""
         now = time.monotonic()
-        for role, n, tp in self.config.pools():
-            with self._lock:
-                have = sum(w.role == role for w in self._workers.values())
-            if have >= n or now < self._backoff_until.get(role, 0.0):
-                continue
-            for _ in range(n - have):
-                w = self._launch(role, tp)
-                threading.Thread(target=self._replace, args=(w,), daemon=True).start()
+        with self._reconciling:  # the health loop and scale_pool's caller: counted and launched by one at a time
+            for role, tp in self._tp.items():
+                with self._lock:
+                    n = self._desired[role]
+                    have = sum(w.role == role and not w.draining for w in self._workers.values())
+                if have >= n or now < self._backoff_until.get(role, 0.0):
+                    continue
+                for _ in range(n - have):
+                    w = self._launch(role, tp)
+                    threading.Thread(target=self._replace, args=(w,), daemon=True).start()
 
     def _replace(self, w: _Worker) -> None:
         try:
             self._await_ready(w)
+            if w.draining:
+                return
             self.num_replaced += 1
-            log.info("replacement %s worker %s ready at %s", w.role, w.worker_id, w.info.address)
+            log.info("new %s worker %s ready at %s", w.role, w.worker_id, w.info.address)
         except Exception:  # noqa: BLE001 - the pool stays short; _reconcile tries again after the backoff
             log.exception("could not start a replacement %s worker", w.role)
             self._backoff_until[w.role] = time.monotonic() + self.replace_backoff_s
+
+    # --- pool sizes -----------------------------------------------------------------------------------
+
+    def pool_status(self) -> dict[str, PoolReplicas]:
+        """Per pool: its desired size, and its workers ready, starting and draining."""
+        with self._lock:
+            out = {}
+            for role, desired in self._desired.items():
+                mine = [w for w in self._workers.values() if w.role == role]
+                out[role] = PoolReplicas(
+                    desired=desired,
+                    ready=sum(w.info is not None and not w.draining for w in mine),
+                    starting=sum(w.info is None and not w.draining for w in mine),
+                    draining=sum(w.draining for w in mine))
+            return out
+
+    def scale_pool(self, role: str, replicas: int) -> None:
+        """Set a pool's size. Returns at once: new workers start in the background, leaving ones drain there.
+        Those that leave: workers still starting first (stopped at once), then the least loaded ready ones (requests
+        running, waiting or holding KV, from GetStats; the newest among equals: the least prefix cache lost).
+        ValueError naming the argument for a pool this cluster lacks or a negative size."""
+        if role not in self._desired:
+            raise ValueError(f"role: must be one of {', '.join(self._desired)}, got {role!r}")
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise ValueError(f"replicas: must be an integer >= 0, got {replicas!r}")
+        with self._lock:
+            ready = [w for w in self._workers.values() if w.role == role and not w.draining and w.info is not None]
+            shrinking = len([w for w in self._workers.values() if w.role == role and not w.draining]) > replicas
+        loads = self._loads(ready) if shrinking else {}  # outside the lock: RPCs
+        with self._lock:
+            before = self._desired[role]
+            self._desired[role] = replicas
+            active = [w for w in self._workers.values() if w.role == role and not w.draining]
+            leaving = sorted(active, key=lambda w: (w.info is not None, loads.get(w.worker_id, 0), -w.started))
+            leaving = leaving[:max(len(active) - replicas, 0)]
+            for w in leaving:
+                w.draining = True
+            self._backoff_until.pop(role, None)
+        if before != replicas:
+            log.info("pool %s: %d -> %d workers", role, before, replicas)
+        for w in leaving:
+            self._start_drain(w)
+        if not self._stop.is_set():
+            self._reconcile()
+
+    def drain_workers(self, worker_id: str = "", node_ip: str = "", wait: bool = False) -> list[str]:
+        """Drain one worker (`worker_id`) or every ready worker on a node (`node_ip`: a pod going away), shrinking
+        their pools by as many; with `wait`, return when they have stopped. Returns their ids. ValueError without a
+        target, LookupError when no worker matches."""
+        if not worker_id and not node_ip:
+            raise ValueError("target: set worker_id or node_ip")
+        with self._lock:
+            matches = [w for w in self._workers.values()
+                       if (w.worker_id == worker_id if worker_id else w.info is not None and w.info.node_ip == node_ip)]
+            if not matches:
+                what = f"worker_id: no worker {worker_id!r}" if worker_id else f"node_ip: no ready worker on {node_ip!r}"
+                raise LookupError(f"{what}; workers: {', '.join(sorted(self._workers)) or 'none'}")
+            fresh = [w for w in matches if not w.draining]
+            for w in fresh:
+                w.draining = True
+                self._desired[w.role] = max(self._desired[w.role] - 1, 0)
+            if node_ip:
+                self._drained_nodes.add(node_ip)
+        for w in fresh:
+            log.info("draining %s worker %s (asked for)", w.role, w.worker_id)
+            self._start_drain(w)
+        if wait:
+            deadline = time.monotonic() + self.config.drain_timeout_s + 40  # the drain, then stop's own bound
+            for w in matches:
+                thread = self._drains.get(w.worker_id)
+                if thread is not None:
+                    thread.join(max(deadline - time.monotonic(), 0))
+        return [w.worker_id for w in matches]
+
+    def _loads(self, workers: list[_Worker]) -> dict[str, int]:
+        """Requests on each worker (running, waiting, holding KV); 0 for one that does not answer in 1 s."""
+        loads = {}
+        for w in workers:
+            try:
+                with tls.channel(w.info.address, self.config.internal_tls) as channel:
+                    s = worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=1)
+                loads[w.worker_id] = s.num_running + s.num_waiting + s.num_kv_held
+            except Exception:  # noqa: BLE001 - silent: a good one to let go
+                loads[w.worker_id] = 0
+        return loads
+
+    def _start_drain(self, w: _Worker) -> None:
+        thread = threading.Thread(target=self._drain, args=(w,), name=f"tandem-drain-{w.worker_id}", daemon=True)
+        self._drains[w.worker_id] = thread
+        thread.start()
+
+    def _follow_nodes(self) -> None:
+        """follow_nodes: a worker whose node left is forgotten (not replaced elsewhere), then each pool is sized to
+        the alive nodes offering its resource."""
+        nodes = ray.nodes()
+        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        with self._lock:
+            self._drained_nodes &= {n["NodeManagerAddress"] for n in nodes if n.get("Alive")}
+            workers = list(self._workers.values())
+        for w in workers:
+            if w.node_id is None:
+                w.node_id = _node_of(w.pg)
+            if w.node_id is not None and w.node_id not in alive:
+                log.warning("%s worker %s: its node %s left", w.role, w.worker_id, w.node_id[:12])
+                self._forget(w)
+        for role, n in pool_sizes_from_nodes(nodes, self._desired, self._drained_nodes).items():
+            if n != self._desired[role]:
+                self.scale_pool(role, n)
+
+    def _drain(self, w: _Worker) -> None:
+        """Mark `w` draining in the registry, wait until it holds no request (or drain_timeout_s), stop it."""
+        try:
+            self._drain_and_stop(w)
+        finally:
+            self._drains.pop(w.worker_id, None)
+
+    def _drain_and_stop(self, w: _Worker) -> None:
+        if w.info is not None:
+            with self._lock:
+                if self._workers.get(w.worker_id) is w:  # not forgotten (dead) meanwhile: no ghost entry
+                    self.registry.add(_draining(w.info))
+            deadline = time.monotonic() + self.config.drain_timeout_s
+            idle_since = None
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    with tls.channel(w.info.address, self.config.internal_tls) as channel:
+                        s = worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=5)
+                    busy = s.num_running + s.num_waiting + s.num_kv_held
+                except Exception:  # noqa: BLE001 - gone already: nothing left to wait for
+                    break
+                now = time.monotonic()
+                if busy:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= self.drain_quiet_s:
+                    break
+                time.sleep(self.drain_poll_s)
+            else:
+                if not self._stop.is_set():
+                    log.warning("worker %s still busy after drain_timeout_s (%.0f s): stopping it; the routers move "
+                                "its requests", w.worker_id, self.config.drain_timeout_s)
+        with self._lock:
+            if self._workers.get(w.worker_id) is not w:
+                return  # stop() took it
+        if w.info is not None:
+            try:
+                ray.get(w.actor.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - killed below either way
+                pass
+        self._forget(w)
+        log.info("%s worker %s drained and stopped", w.role, w.worker_id)
 
     def workers(self) -> list[wpb.WorkerInfo]:
         return self.registry.workers()
@@ -238,3 +430,36 @@ class Controller:
             with tls.channel(info.address, self.config.internal_tls) as channel:
                 stats.append(worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=timeout_s))
         return stats
+
+
+def _draining(info: wpb.WorkerInfo) -> wpb.WorkerInfo:
+    marked = wpb.WorkerInfo()
+    marked.CopyFrom(info)
+    marked.draining = True
+    return marked
+
+
+def pool_resource(role: str) -> str:
+    """The Ray resource a worker of `role` asks for with pool_resources (a KubeRay worker group's pods offer it)."""
+    return f"tandem_{role}"
+
+
+def pool_sizes_from_nodes(nodes: list[dict], roles, drained_node_ips=frozenset()) -> dict[str, int]:
+    """follow_nodes: each pool's size, the sum of its `tandem_<role>` resource over the alive nodes (`ray.nodes()`
+    records), leaving out nodes drained through DrainWorker (their pods are going away)."""
+    sizes = dict.fromkeys(roles, 0)
+    for node in nodes:
+        if not node.get("Alive") or node.get("NodeManagerAddress") in drained_node_ips:
+            continue
+        resources = node.get("Resources") or {}
+        for role in sizes:
+            sizes[role] += int(resources.get(pool_resource(role), 0))
+    return sizes
+
+
+def _node_of(pg) -> str | None:
+    """The node a worker's placement group's first bundle is on; None while it is pending."""
+    try:
+        return placement_group_table(pg).get("bundles_to_node_id", {}).get(0)
+    except Exception:  # noqa: BLE001 - removed or unknown: not placed
+        return None

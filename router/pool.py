@@ -166,8 +166,9 @@ class WorkerPool:
     # --- choosing -------------------------------------------------------------------------------------------
 
     def live_workers(self, pool: str) -> list[WorkerHandle]:
+        """Up and taking new requests: a draining worker (leaving its pool) finishes what it has and gets no more."""
         roles = self._pool_roles[pool]
-        return [w for w in self.workers.values() if w.is_up and w.role in roles]
+        return [w for w in self.workers.values() if w.is_up and w.role in roles and not w.info.draining]
 
     def num_live(self, pool: str) -> int:
         return len(self.live_workers(pool))
@@ -301,6 +302,10 @@ class WorkerPool:
                 log.info("worker %s joined: %s at %s", worker_id, info.role, info.address)
             else:
                 worker.listed_at = now
+                if info.draining and not worker.info.draining:
+                    log.info("worker %s is draining: no new requests go there", worker_id)
+                    changed = True
+                worker.info = info
                 changed |= self._maybe_revive(worker)
         if changed:
             self.on_change()
