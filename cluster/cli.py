@@ -1,5 +1,5 @@
 """`tandem`: bring a cluster up (`tandem up`), generate from it (`tandem generate`), look at it (`tandem status`),
-and load-test it (`tandem loadtest`)."""
+and load-test it (`tandem loadtest`); `tandem controller` runs the cluster without a router (Kubernetes)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ import sys
 
 import grpc
 
+from cluster import controller_cli
 from loadtest import cli as loadtest_cli
 from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
 from router.tenants import add_auth_arguments, tenancy_from_args
@@ -35,34 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--api-key", default=None, help="sent as 'authorization: Bearer <key>'")
     tls.add_client_arguments(st)
     loadtest_cli.add_parser(sub)
+    controller_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run}[args.command](args)
+    return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run,
+            "controller": controller_cli.run}[args.command](args)
 
 
 # --- tandem up ----------------------------------------------------------------------------------------
 
 def _add_up(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model path or GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--mode", default="disaggregated", choices=("disaggregated", "colocated"))
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1, help="number of 'both' workers in colocated mode")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    controller_cli.add_cluster_arguments(
+        p, redis_help="redis:// or rediss:// URL of a Redis (or Valkey) for the global prefix index and caches; "
+                      "default: start an embedded valkey-server on a free loopback port")
     p.add_argument("--host", default="127.0.0.1", help="router address (default %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="router gRPC port (default %(default)s)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="router OpenAI-compatible HTTP port (default %(default)s); 0 picks a free port, -1 turns it off")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
-    p.add_argument("--kv-transport", default="auto",
-                   help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
-    p.add_argument("--redis-url", default=None,
-                   help="redis:// or rediss:// URL of a Redis (or Valkey) for the global prefix index and caches; "
-                        "default: start an embedded valkey-server on a free loopback port")
-    p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
-                   help="remote KV tier in Redis: workers offload evicted prefix blocks and pull them back when that "
-                        "beats recomputing (auto: on for CPU workers; default %(default)s)")
     p.add_argument("--routing-policy", choices=("cache_aware", "load"), default="cache_aware",
                    help="cache_aware: least prefill work ahead of the first token, from the global prefix index; "
                         "load: queued tokens and free blocks only (default %(default)s)")
@@ -72,23 +63,9 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=None, help="per-pool admission bound of the router")
     p.add_argument("--max-queue-time-s", type=float, default=None,
                    help="refuse requests whose estimated queue time exceeds this (default: only their deadline)")
-    p.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default=None,
-                   help="workers' scheduling; default priority when a tenant has a priority, else fcfs")
     add_auth_arguments(p)
     p.add_argument("--chat-content-special-tokens", action="store_true",
                    help="let chat message content write the template's control tokens (default: content is text)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, "
-                   "bounded by the KV cache)")
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None,
-                   help="split long prompts across steps (default on); off, max-num-batched-tokens must hold "
-                        "the longest prompt")
-    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
-    p.add_argument("--num-cpus-per-worker", type=float, default=1)
-    p.add_argument("--num-gpus-per-worker", type=float, default=0)
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per CPU worker (default: its CPUs)")
-    p.add_argument("--log-level", default="INFO")
     tls.add_server_arguments(p)
 
 
@@ -110,28 +87,9 @@ def _up(args) -> int:
         return session.run_in_own_session(args.argv)
     session.stop_with_supervisor()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cluster.config import ClusterConfig  # imports ray: only for `up`
-
-    options = (("max_model_len", args.max_model_len), ("max_num_seqs", args.max_num_seqs),
-               ("max_num_batched_tokens", args.max_num_batched_tokens),
-               ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
-               ("enable_chunked_prefill", args.enable_chunked_prefill))
-    engine = {k: v for k, v in options if v is not None}
-    policy = args.scheduling_policy or ("priority" if any(t.priority for t in tenancy.tenants) else None)
-    if policy is not None:
-        engine["scheduling_policy"] = policy
-    if args.num_gpus_per_worker:
-        engine["device"] = "cuda"
     try:
-        config = ClusterConfig(
-            model=args.model, mode=args.mode, num_prefill_workers=args.prefill_workers,
-            num_decode_workers=args.decode_workers, num_colocated_workers=args.workers,
-            prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
-            engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
-            num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
-            torch_threads=args.torch_threads, internal_tls=internal_tls, redis_url=args.redis_url,
-            kv_offload=args.kv_offload,
-        )
+        config = controller_cli.cluster_config(
+            args, internal_tls, scheduling_policy="priority" if any(t.priority for t in tenancy.tenants) else None)
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -303,9 +261,11 @@ def format_status(status: wpb.ClusterStatus) -> str:
                   f"{'KV used':>13} {'KV usage':>8} {'held':>5} {'transfers':>9}  metrics"]
     for w in status.workers:
         i = w.info
-        lines.append(f"{i.worker_id:<18} {i.role:<8} {i.address:<22} {i.pid:>7} {w.num_running:>7} {w.num_waiting:>7} "
+        lines.append(f"{i.worker_id:<18} {i.role + ('*' if i.draining else ''):<8} {i.address:<22} {i.pid:>7} {w.num_running:>7} {w.num_waiting:>7} "
                      f"{w.num_used_blocks:>6}/{w.num_blocks:<6} {w.kv_cache_usage:>7.1%} {w.num_kv_held:>5} {w.kv_transfers:>9}  "
                      f"{'http://' + i.metrics_address + '/metrics' if i.metrics_address else '-'}")
+    if any(w.info.draining for w in status.workers):
+        lines.append("* draining: leaving its pool, finishing its requests, taking no new ones")
     return "\n".join(lines)
 
 
