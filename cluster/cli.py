@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     tls.add_client_arguments(st)
     loadtest_cli.add_parser(sub)
     controller_cli.add_parser(sub)
+    controller_cli.add_drain_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run,
-            "controller": controller_cli.run}[args.command](args)
+            "controller": controller_cli.run, "drain": controller_cli.run_drain}[args.command](args)
 
 
 # --- tandem up ----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 RayCluster it joins Ray, serves the registry to the routers in other pods and sizes the pools from the worker
 groups (`--pool-resources --follow-nodes`), until SIGINT or SIGTERM.
 
+`tandem drain` asks a controller's registry to drain workers (DrainWorker), for a worker pod's preStop hook.
+
 Also the options `tandem up` shares with it: pools, engine, Ray, Redis, resources (`add_cluster_arguments`,
 `cluster_config`)."""
 from __future__ import annotations
@@ -102,6 +104,49 @@ def add_parser(sub) -> None:
     tls.add_server_arguments(p)
     for name in _FRONT_TLS:  # refused by run(): not in the help
         p._option_string_actions["--" + name.replace("_", "-")].help = argparse.SUPPRESS
+
+
+def add_drain_parser(sub) -> None:
+    p = sub.add_parser("drain", help="drain workers through a controller's registry: they take no new requests, "
+                                     "finish theirs, stop, and their pool shrinks by one (a worker pod's preStop hook)")
+    p.add_argument("--registry", required=True, help="the controller's registry host:port")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--worker-id", default="", help="the worker to drain")
+    target.add_argument("--node-ip", default="", help="drain every worker on this node (a pod's IP: $POD_IP)")
+    p.add_argument("--no-wait", action="store_true", help="return when draining starts, not when they have stopped")
+    p.add_argument("--timeout-s", type=float, default=300.0,
+                   help="give up waiting after this long (default %(default)s; keep it above the controller's "
+                        "--drain-timeout-s)")
+    tls.add_server_arguments(p)  # the --internal-tls-* ones: the registry asks for the cluster's certificate
+    for name in _FRONT_TLS:
+        p._option_string_actions["--" + name.replace("_", "-")].help = argparse.SUPPRESS
+
+
+def run_drain(args) -> int:
+    """0 when drained (or when nothing runs there: a pod without a worker); 1 when the registry refused or failed."""
+    import grpc
+
+    from tandem.v1 import worker_pb2 as wpb
+    from tandem.v1 import worker_pb2_grpc
+
+    try:
+        internal_tls = tls.internal_from_args(args)
+    except ValueError as e:
+        print(f"tandem drain: {e}", file=sys.stderr)
+        return 2
+    request = wpb.DrainWorkerRequest(wait=not args.no_wait)
+    if args.worker_id:
+        request.worker_id = args.worker_id
+    else:
+        request.node_ip = args.node_ip
+    with tls.channel(args.registry, internal_tls) as channel:
+        try:
+            resp = worker_pb2_grpc.RegistryStub(channel).DrainWorker(request, timeout=args.timeout_s)
+        except grpc.RpcError as e:
+            print(f"tandem drain: {args.registry}: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 0 if e.code() == grpc.StatusCode.NOT_FOUND else 1
+    print(f"tandem drain: {'drained' if request.wait else 'draining'} {', '.join(resp.worker_ids)}", flush=True)
+    return 0
 
 
 def run(args) -> int:

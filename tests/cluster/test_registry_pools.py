@@ -7,6 +7,7 @@ import pytest
 
 from cluster.pools import PoolReplicas
 from cluster.registry import WorkerRegistry
+from tests.tls_certs import certs  # noqa: F401 - fixture
 from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
@@ -120,3 +121,39 @@ def test_follow_nodes_sizes_pools_from_alive_nodes_offering_their_resource():
     # A node drained through DrainWorker (its pod is going away) no longer counts.
     assert pool_sizes_from_nodes(nodes, ("prefill", "decode"), {"10.0.0.3"}) == {"prefill": 1, "decode": 3}
     assert pool_sizes_from_nodes([], ("both",)) == {"both": 0}
+
+
+def test_tandem_drain_asks_the_registry_and_waits(registry):
+    from tests.cluster.tandem_up import tandem
+
+    reg, _ = registry
+    out = tandem("drain", "--registry", reg.address, "--node-ip", "10.0.0.7", timeout=60)
+    assert out.returncode == 0 and "drained decode-1" in out.stdout, out.stderr
+    assert reg.control.drained == [("", "10.0.0.7", True)]
+    # A pod with no worker on it (preStop runs anyway): nothing to do, not an error.
+    out = tandem("drain", "--registry", reg.address, "--worker-id", "decode-9", "--no-wait", timeout=60)
+    assert out.returncode == 0 and "NOT_FOUND: worker_id: no worker 'decode-9'" in out.stderr
+
+
+def test_pool_rpcs_over_internal_tls(certs):
+    """The registry's mutual TLS covers the pool RPCs: the cluster's certificate gets in, no certificate does not."""
+    from tandem.tls import TLSConfig
+    from tests.cluster.tandem_up import tandem
+
+    internal = TLSConfig.internal(certs.cert, certs.key, certs.ca)
+    reg = WorkerRegistry(FakeControl())
+    address = reg.serve("127.0.0.1", 0, internal)
+    try:
+        with tls.channel(address, internal) as channel:
+            resp = worker_pb2_grpc.RegistryStub(channel).ScalePool(wpb.ScalePoolRequest(role="prefill", replicas=2),
+                                                                   timeout=5)
+        assert _pools(resp)["prefill"] == (2, 2, 0, 0)
+        with tls.channel(address, TLSConfig(ca_certs=certs.ca)) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                worker_pb2_grpc.RegistryStub(channel).GetPools(wpb.GetPoolsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        out = tandem("drain", "--registry", address, "--worker-id", "decode-1", "--internal-tls-certfile", certs.cert,
+                     "--internal-tls-keyfile", certs.key, "--internal-tls-ca-certs", certs.ca, timeout=60)
+        assert out.returncode == 0 and "drained decode-1" in out.stdout, out.stderr
+    finally:
+        reg.stop()
