@@ -56,6 +56,9 @@ class ClusterConfig:
     # A worker leaving its pool (Controller.scale_pool) takes no new requests and is stopped when it has none left,
     # or after this long (then the routers move its streams elsewhere, as for a failed worker).
     drain_timeout_s: float = 60.0
+    # The most workers a pool may be scaled to (Controller.scale_pool); None: its initial size. A local Ray is
+    # started with the CPUs (and GPUs) for that many, or new workers would wait for resources forever.
+    max_workers_per_pool: int | None = None
     # Mutual TLS between the registry, routers and workers, KV transfer included (TLSConfig.internal); None: plaintext.
     internal_tls: TLSConfig | None = None
     # The Redis every worker publishes KV events to (tandem up starts an embedded one when not given).
@@ -88,6 +91,9 @@ class ClusterConfig:
                 # The engine runs TP > 1 offline (LLM(tensor_parallel_size=N)); in the cluster, ranks as Ray actors
                 # with per-rank KV transfer are not built yet.
                 raise ValueError(f"{name}: the cluster runs only 1 for now (TP > 1 works offline), got {getattr(self, name)}")
+        if self.max_workers_per_pool is not None and self.max_workers_per_pool < max(n for _, n, _ in self.pools()):
+            raise ValueError(f"max_workers_per_pool: must be >= every pool's initial size, got "
+                             f"{self.max_workers_per_pool}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s: must be >= 0, got {self.drain_timeout_s}")
         if {"model", "tensor_parallel_size", "role"} & set(self.engine):
@@ -110,6 +116,11 @@ class ClusterConfig:
         if self.redis_url is None or self.kv_offload == "off":
             return False
         return self.kv_offload == "on" or not self.num_gpus_per_rank
+
+    def max_workers(self, role: str) -> int:
+        """The most workers pool `role` may be scaled to."""
+        n = {r: n for r, n, _ in self.pools()}[role]
+        return n if self.max_workers_per_pool is None else self.max_workers_per_pool
 
     def pools(self) -> list[tuple[str, int, int]]:
         """(role, number of workers, TP size) per pool."""

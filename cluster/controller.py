@@ -114,7 +114,8 @@ class Controller:
         cfg = self.config
         if not ray.is_initialized():
             if cfg.ray_address is None:
-                need = sum(n * tp * cfg.num_cpus_per_rank for _, n, tp in cfg.pools())
+                # CPUs for every worker a pool may be scaled to, or scaled-up workers would wait forever.
+                need = sum(cfg.max_workers(role) * tp * cfg.num_cpus_per_rank for role, _, tp in cfg.pools())
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
                          object_store_memory=128 << 20, log_to_driver=True)
             else:
@@ -292,6 +293,10 @@ class Controller:
             raise ValueError(f"role: must be one of {', '.join(self._desired)}, got {role!r}")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
             raise ValueError(f"replicas: must be an integer >= 0, got {replicas!r}")
+        if self.config.ray_address is None and replicas > self.config.max_workers(role):
+            # A local Ray was started with the CPUs for that many (a joined one has what its nodes offer).
+            raise ValueError(f"replicas: at most {self.config.max_workers(role)} (the cluster's "
+                             f"max_workers_per_pool), got {replicas}")
         with self._lock:
             ready = [w for w in self._workers.values() if w.role == role and not w.draining and w.info is not None]
             shrinking = len([w for w in self._workers.values() if w.role == role and not w.draining]) > replicas
