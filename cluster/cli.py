@@ -13,6 +13,7 @@ import sys
 import grpc
 
 from cluster import controller_cli
+from cluster.autoscaler import cli as autoscaler_cli
 from loadtest import cli as loadtest_cli
 from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
 from router.tenants import add_auth_arguments, tenancy_from_args
@@ -38,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     loadtest_cli.add_parser(sub)
     controller_cli.add_parser(sub)
     controller_cli.add_drain_parser(sub)
+    autoscaler_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
     return {"up": _up, "generate": _generate, "status": _status, "loadtest": loadtest_cli.run,
-            "controller": controller_cli.run, "drain": controller_cli.run_drain}[args.command](args)
+            "controller": controller_cli.run, "drain": controller_cli.run_drain,
+            "autoscaler": autoscaler_cli.run}[args.command](args)
 
 
 # --- tandem up ----------------------------------------------------------------------------------------

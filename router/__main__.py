@@ -8,8 +8,10 @@ import os
 import signal
 import sys
 
+from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
 from router.config import MODES, ROUTING_POLICIES, RouterConfig
 from router.tenants import add_auth_arguments, tenancy_from_args
+from tandem import tls
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
@@ -48,10 +50,17 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
     parser.add_argument("--worker-stall-timeout-s", type=float, default=defaults["worker_stall_timeout_s"].default,
                         help="a worker silent this long is routed around and its requests move (default %(default)s)")
     parser.add_argument("--drain-timeout-s", type=float, default=defaults["drain_timeout_s"].default)
+    parser.add_argument("--chat-content-special-tokens", action="store_true",
+                        help="let chat message content write the template's control tokens (default: content is text)")
+    add_semantic_cache_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
+    tls.add_server_arguments(parser)
     args = parser.parse_args(argv)
     try:
         tenancy = tenancy_from_args(args, os.environ)
+        internal_tls = tls.internal_from_args(args)
+        tls.front_from_args(args)  # checks the files; the router builds its contexts from the paths
+        semantic_cache = semantic_cache_from_args(args)
         config = RouterConfig(
             host=args.host, port=args.port, http_port=args.http_port, registry_address=args.registry, model=args.model,
             load_format=args.load_format, mode=args.mode, max_queued_requests=args.max_queued_requests,
@@ -61,7 +70,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             worker_stall_timeout_s=args.worker_stall_timeout_s, drain_timeout_s=args.drain_timeout_s,
             max_queue_time_s=args.max_queue_time_s, tenancy=tenancy, redis_url=args.redis_url,
             routing_policy=args.routing_policy, balance_abs_threshold=args.balance_abs_threshold,
-            balance_rel_threshold=args.balance_rel_threshold,
+            balance_rel_threshold=args.balance_rel_threshold, internal_tls=internal_tls,
+            ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
+            ssl_cert_reqs=args.ssl_cert_reqs, semantic_cache=semantic_cache,
+            chat_content_special_tokens=args.chat_content_special_tokens,
         )
     except ValueError as e:
         parser.error(str(e))

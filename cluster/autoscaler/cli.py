@@ -1,8 +1,10 @@
-"""`tandem autoscaler`: the autoscaler as its own process, for Kubernetes (the chart's autoscaler Deployment);
-and the planner options `tandem up --autoscale` shares.
+"""`tandem autoscaler`: the autoscaler as its own process, and the planner options `tandem up --autoscale`
+shares. Two actuators: `kubernetes` patches a RayCluster's worker groups (the chart's autoscaler Deployment);
+`registry` sizes a running controller's pools through its registry (`tandem up`, `tandem controller`).
 
     tandem autoscaler --namespace NS --raycluster NAME --router-selector app.kubernetes.io/component=router \\
         --ttft-slo-s 2 --tpot-slo-s 0.1 --gpu-budget 16 --prefill-min 1 --prefill-max 4 --decode-min 1 ...
+    tandem autoscaler --actuator registry --registry 127.0.0.1:50100 --router 127.0.0.1:50051 --decode-max 3
 """
 from __future__ import annotations
 
@@ -74,9 +76,14 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("autoscaler", help="size the prefill and decode pools of a tandem RayCluster on Kubernetes",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actuator", choices=("kubernetes", "registry"), default="kubernetes",
+                   help="kubernetes: patch --raycluster's worker groups; registry: ScalePool on --registry "
+                        "(default %(default)s)")
+    p.add_argument("--registry", default=None, metavar="HOST:PORT",
+                   help="the controller's registry, for --actuator registry (cluster TLS: --internal-tls-*)")
     p.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "default"),
                    help="the RayCluster's and routers' namespace (default: $POD_NAMESPACE, else default)")
-    p.add_argument("--raycluster", required=True, help="the RayCluster's name")
+    p.add_argument("--raycluster", default=None, help="the RayCluster's name, for --actuator kubernetes")
     p.add_argument("--prefill-group", default="prefill", help="its prefill worker group (%(default)s)")
     p.add_argument("--decode-group", default="decode", help="its decode worker group (%(default)s)")
     p.add_argument("--router-selector", default=None,
@@ -92,37 +99,62 @@ def add_parser(sub) -> None:
     p.add_argument("--log-level", default="INFO")
     add_planner_arguments(p)
     tls.add_client_arguments(p)
+    g = p.add_argument_group("cluster TLS", "for --actuator registry when the cluster runs --internal-tls-*")
+    g.add_argument("--internal-tls-certfile", default=None)
+    g.add_argument("--internal-tls-keyfile", default=None)
+    g.add_argument("--internal-tls-ca-certs", default=None)
+    g.add_argument("--internal-tls-server-name", default=None)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import grpc
     from kubernetes import client, config
 
     from cluster.autoscaler.kubernetes import KubeRayActuator
     from cluster.autoscaler.loop import Autoscaler, AutoscalerMetrics
     from cluster.autoscaler.metrics import RouterScraper
     from cluster.autoscaler.planner import Planner
+    from cluster.autoscaler.registry import RegistryActuator
     from tandem import tls
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.router and not args.router_selector:
-        print("tandem autoscaler: give --router-selector (router pods) or --router HOST:PORT", file=sys.stderr)
+        print("tandem autoscaler: --router-selector (router pods) or --router HOST:PORT: give one", file=sys.stderr)
         return 2
+    if args.actuator == "kubernetes" and not args.raycluster:
+        print("tandem autoscaler: --raycluster: required with --actuator kubernetes", file=sys.stderr)
+        return 2
+    if args.actuator == "registry" and not args.registry:
+        print("tandem autoscaler: --registry: required with --actuator registry", file=sys.stderr)
+        return 2
+    if args.router_selector and args.actuator != "kubernetes":
+        print("tandem autoscaler: --router-selector: needs --actuator kubernetes (it lists pods)", file=sys.stderr)
+        return 2
+    core = None
     try:
         client_tls = tls.client_from_args(args)
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.ApiClient()
-        actuator = KubeRayActuator(api, args.namespace, args.raycluster,
-                                   {"prefill": args.prefill_group, "decode": args.decode_group})
-        bounds = {role: (g.min_replicas, g.max_replicas) for role, g in actuator.limits().items()}
-        planner_config = planner_config_from_args(args, limits=bounds)
+        bounds = None
+        if args.actuator == "kubernetes":
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api = client.ApiClient()
+            core = client.CoreV1Api(api)
+            actuator = KubeRayActuator(api, args.namespace, args.raycluster,
+                                       {"prefill": args.prefill_group, "decode": args.decode_group})
+            bounds = {role: (g.min_replicas, g.max_replicas) for role, g in actuator.limits().items()}
+        else:
+            actuator = RegistryActuator(args.registry, tls.internal_from_args(args))
+        mode = "colocated" if set(actuator.observe()) == {"both"} else "disaggregated"
+        planner_config = planner_config_from_args(args, mode=mode, limits=bounds)
+    except grpc.RpcError as e:
+        print(f"tandem autoscaler: --registry {args.registry}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - configuration: say what is wrong, exit
         print(f"tandem autoscaler: {e}", file=sys.stderr)
         return 2
-    core = client.CoreV1Api(api)
     scheme = "https" if client_tls is not None else "http"
 
     def routers() -> list[tuple[str, str]]:
@@ -145,12 +177,14 @@ def run(args) -> int:
 
         start_http_server(args.metrics_port, registry=metrics.registry)
     autoscaler = Autoscaler(Planner(planner_config), actuator, scraper.collect, args.autoscale_interval_s,
-                            metrics=metrics, dry_run=args.dry_run)
+                            mode=mode, metrics=metrics, dry_run=args.dry_run)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger(__name__).info("autoscaler: RayCluster %s/%s every %.0f s%s", args.namespace, args.raycluster,
-                                     args.autoscale_interval_s, " (dry run)" if args.dry_run else "")
+    target = (f"RayCluster {args.namespace}/{args.raycluster}" if args.actuator == "kubernetes"
+              else f"the controller at {args.registry}")
+    logging.getLogger(__name__).info("autoscaler: sizing %s every %.0f s%s", target, args.autoscale_interval_s,
+                                     " (dry run)" if args.dry_run else "")
     while not stop.is_set():
         autoscaler.step()
         stop.wait(args.autoscale_interval_s)
