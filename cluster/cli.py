@@ -71,6 +71,28 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-content-special-tokens", action="store_true",
                    help="let chat message content write the template's control tokens (default: content is text)")
     tls.add_server_arguments(p)
+    p.add_argument("--autoscale", action="store_true",
+                   help="size the pools from the router's metrics (cluster/autoscaler/), between --prefill-min/max "
+                        "and --decode-min/max (colocated: --decode-min/max)")
+    autoscaler_cli.add_planner_arguments(p, gpus_per_worker=False)
+
+
+def _autoscale_config(args):
+    """(PlannerConfig, the most workers a pool may reach) for --autoscale, or (None, None). ValueError naming the
+    option."""
+    if not args.autoscale:
+        return None, None
+    args.gpus_per_worker = int(args.num_gpus_per_worker * args.tensor_parallel_size)
+    planner = autoscaler_cli.planner_config_from_args(args, mode=args.mode)
+    initial = {"both": args.workers} if args.mode == "colocated" else {"prefill": args.prefill_workers,
+                                                                       "decode": args.decode_workers}
+    for role, limits in planner.pools.items():
+        opt = "decode" if role == "both" else role
+        start_opt = "--workers" if role == "both" else f"--{role}-workers"
+        if not limits.min_replicas <= initial[role] <= limits.max_replicas:
+            raise ValueError(f"{start_opt}: must be between --{opt}-min ({limits.min_replicas}) and --{opt}-max "
+                             f"({limits.max_replicas}) with --autoscale, got {initial[role]}")
+    return planner, max(limits.max_replicas for limits in planner.pools.values())
 
 
 def _up(args) -> int:
@@ -84,6 +106,7 @@ def _up(args) -> int:
         if args.redis_url is not None:
             StoreConfig(args.redis_url)
         semantic_cache = semantic_cache_from_args(args)
+        autoscale, max_workers = _autoscale_config(args)
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -93,7 +116,8 @@ def _up(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = controller_cli.cluster_config(
-            args, internal_tls, scheduling_policy="priority" if any(t.priority for t in tenancy.tenants) else None)
+            args, internal_tls, scheduling_policy="priority" if any(t.priority for t in tenancy.tenants) else None,
+            **({"max_workers_per_pool": max_workers} if max_workers is not None else {}))
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
@@ -107,11 +131,13 @@ def _up(args) -> int:
     router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
     router_options["routing_policy"] = args.routing_policy
     router_options["semantic_cache"] = semantic_cache
-    return asyncio.run(serve(config, args.host, args.port, router_options))
+    return asyncio.run(serve(config, args.host, args.port, router_options, autoscale, args.autoscale_interval_s))
 
 
-async def serve(config, host: str, port: int, router_options: dict) -> int:
-    """Run the controller and one router until SIGINT or SIGTERM, then drain and stop everything."""
+async def serve(config, host: str, port: int, router_options: dict, autoscale=None,
+                autoscale_interval_s: float = 15.0) -> int:
+    """Run the controller and one router until SIGINT or SIGTERM, then drain and stop everything. autoscale: a
+    PlannerConfig to size the pools with (the autoscaler reads this router, in this process), or None."""
     from cluster.controller import Controller
     from router.config import RouterConfig
     from router.server import Router
@@ -128,7 +154,7 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
         print(f"tandem: embedded Redis (valkey-server) at {config.redis_url}", flush=True)
     router_options = {**router_options, "redis_url": config.redis_url}
     controller = Controller(config)
-    router = None
+    router = autoscaler = None
     try:
         registry = await loop.run_in_executor(None, controller.start)
         router = Router(RouterConfig(host=host, port=port, registry_address=registry, model=config.model,
@@ -140,11 +166,23 @@ async def serve(config, host: str, port: int, router_options: dict) -> int:
             loop.add_signal_handler(sig, stop.set)
         scheme = "https" if router.config.ssl else "http"
         http = f"{scheme}://{router.http_address}/v1 (OpenAI API)" if router.http_address else "HTTP off"
+        if autoscale is not None:
+            from cluster.autoscaler.loop import Autoscaler, ControllerActuator
+            from cluster.autoscaler.metrics import in_process_collector
+            from cluster.autoscaler.planner import Planner
+
+            autoscaler = Autoscaler(Planner(autoscale), ControllerActuator(controller),
+                                    in_process_collector(router, loop), autoscale_interval_s, mode=config.mode)
+            autoscaler.start()
+            bounds = ", ".join(f"{role} {p.min_replicas}-{p.max_replicas}" for role, p in autoscale.pools.items())
+            print(f"tandem: autoscaling {bounds} every {autoscale_interval_s:g} s", flush=True)
         print(f"tandem: router listening on {address} (gRPC tandem.v1.Generation) and {http}; "
               f"registry at {registry}; mode {config.mode}. Ctrl-C stops.", flush=True)
         await stop.wait()
         print("tandem: stopping (draining in-flight requests)", flush=True)
     finally:
+        if autoscaler is not None:
+            await loop.run_in_executor(None, autoscaler.stop)
         if router is not None:
             await router.stop(grace_s=10)
         await loop.run_in_executor(None, controller.stop)

@@ -20,7 +20,9 @@ from cluster.autoscaler.planner import PlannerConfig, PoolLimits
 API_KEY_ENV = "TANDEM_API_KEY"
 
 
-def add_planner_arguments(p: argparse.ArgumentParser, pools_default: tuple[int, int] = (1, 4)) -> None:
+def add_planner_arguments(p: argparse.ArgumentParser, pools_default: tuple[int, int] = (1, 4),
+                          gpus_per_worker: bool = True) -> None:
+    """gpus_per_worker: offer --gpus-per-worker (tandem up derives it from its own GPU options instead)."""
     g = p.add_argument_group("autoscaler", "sizes the prefill and decode pools apart (cluster/autoscaler/)")
     lo, hi = pools_default
     for role in ("prefill", "decode"):
@@ -32,8 +34,9 @@ def add_planner_arguments(p: argparse.ArgumentParser, pools_default: tuple[int, 
     g.add_argument("--ttft-slo-s", type=float, default=defaults.ttft_slo_s, help="p90 TTFT target (%(default)s)")
     g.add_argument("--tpot-slo-s", type=float, default=defaults.tpot_slo_s, help="p90 TPOT target (%(default)s)")
     g.add_argument("--gpu-budget", type=int, default=None, help="most GPUs the pools may hold together")
-    g.add_argument("--gpus-per-worker", type=int, default=0,
-                   help="GPUs one worker takes (its tensor-parallel size on GPU; 0 on CPU)")
+    if gpus_per_worker:
+        g.add_argument("--gpus-per-worker", type=int, default=0,
+                       help="GPUs one worker takes (its tensor-parallel size on GPU; 0 on CPU)")
     g.add_argument("--prefill-tokens-per-s", type=float, default=None,
                    help="one prefill worker's measured capacity, prompt tokens/s (default: learned from the load)")
     g.add_argument("--autoscale-interval-s", type=float, default=15.0, help="between decisions (%(default)s)")

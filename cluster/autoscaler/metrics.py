@@ -10,6 +10,7 @@ two collections, per worker and per router, so workers and routers that come and
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import urllib.request
@@ -196,10 +197,26 @@ class RouterScraper:
                 log.warning("autoscaler: router %s did not answer (%s); skipped this interval", grpc_address, e)
                 continue
             if workers is None:
-                workers = [WorkerLoad(w.info.worker_id, w.info.role, w.num_waiting_tokens, w.kv_cache_usage,
-                                      w.num_prompt_tokens) for w in status.workers]
+                workers = [worker_load(w) for w in status.workers]
             scrapes.append(RouterScrape(grpc_address, text, {p.role: p.num_queued for p in status.pools}))
         return workers or [], scrapes
 
     def _ssl_context(self, url: str):
         return self._tls.client_ssl_context() if url.startswith("https:") and self._tls is not None else None
+
+
+def worker_load(stats) -> WorkerLoad:
+    """From a tandem.v1.WorkerStats."""
+    return WorkerLoad(stats.info.worker_id, stats.info.role, stats.num_waiting_tokens, stats.kv_cache_usage,
+                      stats.num_prompt_tokens)
+
+
+def in_process_collector(router, loop: asyncio.AbstractEventLoop, timeout_s: float = 5.0):
+    """collect() for a Router serving on `loop` in this process (`tandem up --autoscale`): what RouterScraper reads
+    over the network, read on the router's own loop (its state is not thread-safe), without credentials."""
+    async def snapshot():
+        workers = [worker_load(w.stats) for w in router.pool.workers.values() if w.stats is not None]
+        queued = {name: router.admission.num_queued(name) for name in router.config.pools}
+        return workers, [RouterScrape("local", router.telemetry.metrics_text()[0].decode(), queued)]
+
+    return lambda: asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout_s)
