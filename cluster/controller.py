@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.pools import PoolReplicas
-from cluster.registry import WorkerRegistry
+from cluster.registry import NotResizable, WorkerRegistry
 from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
@@ -100,7 +100,7 @@ class Controller:
         self.drain_poll_s = 0.5
         self.drain_quiet_s = 2.0  # idle this long before it stops: routers poll the registry every second
         self._drains: dict[str, threading.Thread] = {}  # by worker id, while it drains
-        self._drained_nodes: set[str] = set()  # node IPs drained by DrainWorker: follow_nodes counts them out
+        self._drained_nodes: set[str] = set()  # Ray node ids of workers drained by DrainWorker: not counted by follow_nodes
         self.registry.control = self  # ScalePool, GetPools, DrainWorker
 
     @property
@@ -288,7 +288,14 @@ class Controller:
         """Set a pool's size. Returns at once: new workers start in the background, leaving ones drain there.
         Those that leave: workers still starting first (stopped at once), then the least loaded ready ones (requests
         running, waiting or holding KV, from GetStats; the newest among equals: the least prefix cache lost).
-        ValueError naming the argument for a pool this cluster lacks or a negative size."""
+        ValueError naming the argument for a pool this cluster lacks or a negative size; NotResizable with
+        follow_nodes (the nodes size the pools: resize the RayCluster's worker groups)."""
+        if self.config.follow_nodes:
+            raise NotResizable("this controller's pools follow the Ray nodes (follow_nodes): resize the RayCluster's "
+                               "worker groups instead")
+        self._scale(role, replicas)
+
+    def _scale(self, role: str, replicas: int) -> None:
         if role not in self._desired:
             raise ValueError(f"role: must be one of {', '.join(self._desired)}, got {role!r}")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
@@ -333,8 +340,10 @@ class Controller:
             for w in fresh:
                 w.draining = True
                 self._desired[w.role] = max(self._desired[w.role] - 1, 0)
-            if node_ip:
-                self._drained_nodes.add(node_ip)
+        if self.config.follow_nodes:  # its node (a pod going away) no longer counts, or another would start there
+            nodes = {w.node_id or _node_of(w.pg) for w in fresh}
+            with self._lock:
+                self._drained_nodes |= nodes - {None}
         for w in fresh:
             log.info("draining %s worker %s (asked for)", w.role, w.worker_id)
             self._start_drain(w)
@@ -369,7 +378,7 @@ class Controller:
         nodes = ray.nodes()
         alive = {n["NodeID"] for n in nodes if n.get("Alive")}
         with self._lock:
-            self._drained_nodes &= {n["NodeManagerAddress"] for n in nodes if n.get("Alive")}
+            self._drained_nodes &= alive
             workers = list(self._workers.values())
         for w in workers:
             if w.node_id is None:
@@ -379,7 +388,7 @@ class Controller:
                 self._forget(w)
         for role, n in pool_sizes_from_nodes(nodes, self._desired, self._drained_nodes).items():
             if n != self._desired[role]:
-                self.scale_pool(role, n)
+                self._scale(role, n)
 
     def _drain(self, w: _Worker) -> None:
         """Mark `w` draining in the registry, wait until it holds no request (or drain_timeout_s), stop it."""
@@ -449,12 +458,12 @@ def pool_resource(role: str) -> str:
     return f"tandem_{role}"
 
 
-def pool_sizes_from_nodes(nodes: list[dict], roles, drained_node_ips=frozenset()) -> dict[str, int]:
+def pool_sizes_from_nodes(nodes: list[dict], roles, drained_node_ids=frozenset()) -> dict[str, int]:
     """follow_nodes: each pool's size, the sum of its `tandem_<role>` resource over the alive nodes (`ray.nodes()`
-    records), leaving out nodes drained through DrainWorker (their pods are going away)."""
+    records), leaving out the nodes of workers drained through DrainWorker (their pods are going away)."""
     sizes = dict.fromkeys(roles, 0)
     for node in nodes:
-        if not node.get("Alive") or node.get("NodeManagerAddress") in drained_node_ips:
+        if not node.get("Alive") or node.get("NodeID") in drained_node_ids:
             continue
         resources = node.get("Resources") or {}
         for role in sizes:

@@ -20,6 +20,10 @@ from tandem.v1 import worker_pb2_grpc
 MAX_POOL_REPLICAS = 1024
 
 
+class NotResizable(RuntimeError):
+    """The pools' sizes come from elsewhere (the controller follows the Ray nodes): ScalePool is refused."""
+
+
 class PoolControl(Protocol):
     """What the registry's pool RPCs act on (cluster.controller.Controller)."""
 
@@ -27,7 +31,7 @@ class PoolControl(Protocol):
         ...
 
     def scale_pool(self, role: str, replicas: int) -> None:
-        """ValueError naming the argument for a bad role or size."""
+        """ValueError naming the argument for a bad role or size; NotResizable when sizes come from elsewhere."""
 
     def drain_workers(self, worker_id: str = "", node_ip: str = "", wait: bool = False) -> list[str]:
         """ValueError without a target; LookupError naming it when nothing matches."""
@@ -74,6 +78,8 @@ class WorkerRegistry(worker_pb2_grpc.RegistryServicer):
             control.scale_pool(request.role, request.replicas)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except NotResizable as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         return _pools_response(control.pool_status())
 
     def DrainWorker(self, request: wpb.DrainWorkerRequest, context) -> wpb.DrainWorkerResponse:

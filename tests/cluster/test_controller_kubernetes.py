@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from cluster import controller_cli
@@ -112,6 +113,11 @@ def test_pools_follow_the_nodes_offering_their_resource(redis_server):
 
             assert pools() == {"prefill": (1, 1, 0, 0), "decode": (1, 1, 0, 0)}
             [first] = decode_ids()
+            # The nodes size the pools: a remote ScalePool would be undone at the next look, so it is refused.
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ScalePool(wpb.ScalePoolRequest(role="decode", replicas=2), timeout=5)
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "follow the Ray nodes" in info.value.details()
 
             # A pod joins the decode worker group: the pool grows by one worker, on that node.
             second_node = cluster.add_node(num_cpus=1, resources={"tandem_decode": 1})
@@ -123,6 +129,13 @@ def test_pools_follow_the_nodes_offering_their_resource(redis_server):
             _wait_for(lambda: pools()["decode"] == (1, 1, 0, 0) and decode_ids() == {first}, 60, "the pool at 1")
             time.sleep(3)
             assert pools() == {"prefill": (1, 1, 0, 0), "decode": (1, 1, 0, 0)} and decode_ids() == {first}
+
+            # A pod's preStop drains its worker: gone, and not started again on that node while it still lives.
+            resp = stub.DrainWorker(wpb.DrainWorkerRequest(worker_id=first, wait=True), timeout=120)
+            assert list(resp.worker_ids) == [first]
+            assert pools()["decode"] == (0, 0, 0, 0) and decode_ids() == set()
+            time.sleep(3)
+            assert pools() == {"prefill": (1, 1, 0, 0), "decode": (0, 0, 0, 0)}
 
         controller.proc.send_signal(signal.SIGTERM)
         assert controller.proc.wait(60) == 0

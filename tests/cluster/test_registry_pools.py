@@ -119,7 +119,7 @@ def test_follow_nodes_sizes_pools_from_alive_nodes_offering_their_resource():
              _node("10.0.0.6", tandem_decode=2.0)]
     assert pool_sizes_from_nodes(nodes, ("prefill", "decode")) == {"prefill": 1, "decode": 4}
     # A node drained through DrainWorker (its pod is going away) no longer counts.
-    assert pool_sizes_from_nodes(nodes, ("prefill", "decode"), {"10.0.0.3"}) == {"prefill": 1, "decode": 3}
+    assert pool_sizes_from_nodes(nodes, ("prefill", "decode"), {"10003"}) == {"prefill": 1, "decode": 3}
     assert pool_sizes_from_nodes([], ("both",)) == {"both": 0}
 
 
