@@ -157,3 +157,15 @@ def test_pool_rpcs_over_internal_tls(certs):
         assert out.returncode == 0 and "drained decode-1" in out.stdout, out.stderr
     finally:
         reg.stop()
+
+
+def test_tandem_status_marks_draining_workers():
+    from cluster.cli import format_status
+
+    status = wpb.ClusterStatus(mode="disaggregated", workers=[
+        wpb.WorkerStats(info=wpb.WorkerInfo(worker_id="decode-1", role="decode", address="10.0.0.3:1")),
+        wpb.WorkerStats(info=wpb.WorkerInfo(worker_id="decode-2", role="decode", address="10.0.0.4:1", draining=True))])
+    lines = format_status(status).splitlines()
+    assert next(line for line in lines if line.startswith("decode-1")).split()[1] == "decode"
+    assert next(line for line in lines if line.startswith("decode-2")).split()[1] == "decode*"
+    assert lines[-1].startswith("* draining")
