@@ -108,3 +108,32 @@ def test_router_command_parses(name, capsys, monkeypatch):
     assert args.host == "0.0.0.0" and args.port == 50051 and args.http_port == 8000
     assert args.redis_url == ENV["$(TANDEM_REDIS_URL)"]
     xfail_if_pending("python -m router", flags)
+
+
+@pytest.mark.parametrize("name", ["cpu-defaults", "tls-on", "everything"])
+def test_worker_pods_drain_before_they_stop(name, capsys):
+    """A worker pod going away (a scale-down names it in workersToDelete, or an eviction) runs `tandem drain` for
+    its own IP in preStop; its grace period outlasts the controller's drain timeout, so its requests finish."""
+    from cluster import controller_cli
+
+    rc = one(render_objects(MATRIX[name]), "RayCluster")
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+    controller_args, _ = parse_or_fail(subparser(controller_cli, "controller"),
+                                       expand(shlex.split(head.split("exec tandem controller ", 1)[1])), capsys)
+    assert controller_args.drain_timeout_s == 60
+    for group in rc["spec"]["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        c = spec["containers"][0]
+        script = c["lifecycle"]["preStop"]["exec"]["command"][2]
+        assert script.startswith("tandem drain ") and script.endswith(" || true")
+        argv = shlex.split(script[len("tandem drain "):-len(" || true")].replace("$POD_IP", "10.0.0.7"))
+        parser = argparse.ArgumentParser(prog="tandem")
+        controller_cli.add_drain_parser(parser.add_subparsers(dest="command"))
+        args, pending = parse_or_fail(parser._subparsers._group_actions[0].choices["drain"], argv, capsys)
+        assert pending == []
+        assert args.registry == "demo-tandem-registry:50100" and args.node_ip == "10.0.0.7"
+        assert args.timeout_s > controller_args.drain_timeout_s
+        assert spec["terminationGracePeriodSeconds"] > args.timeout_s
+        assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
+        if name != "cpu-defaults":
+            assert args.internal_tls_ca_certs  # the registry speaks mTLS there

@@ -173,6 +173,7 @@ securityContext:
 {{- define "tandem.controllerArgs" -}}
 {{- $e := .Values.engine -}}
 --ray-address auto --registry-port 50100 --pool-resources --follow-nodes --redis-url "$TANDEM_REDIS_URL"
+{{- printf " --drain-timeout-s %d" (int .Values.head.drainTimeoutSeconds) }}
 {{- with .Values.model.path }} --model {{ . | quote }}{{ end }}
 {{- printf " --tensor-parallel-size %d" (int .Values.prefill.parallelism.tensor) }}
 {{- if eq .Values.accelerator.type "nvidia" }} --num-gpus-per-worker 1{{ end }}
