@@ -116,8 +116,10 @@ class Controller:
             if cfg.ray_address is None:
                 # CPUs for every worker a pool may be scaled to, or scaled-up workers would wait forever.
                 need = sum(cfg.max_workers(role) * tp * cfg.num_cpus_per_rank for role, _, tp in cfg.pools())
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-                         object_store_memory=128 << 20, log_to_driver=True)
+                # address="local": a cluster of our own even when another Ray runs on this machine (or RAY_ADDRESS
+                # is set), which ray.init would otherwise join, refusing num_cpus.
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                         include_dashboard=False, object_store_memory=128 << 20, log_to_driver=True)
             else:
                 ray.init(address=cfg.ray_address, log_to_driver=True)
             self._started_ray = True

