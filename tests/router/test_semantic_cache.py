@@ -246,6 +246,12 @@ def test_the_deployment_switch_is_validated_by_name():
     assert semantic_cache_from_args(parser.parse_args([])) is None  # off by default
     config = semantic_cache_from_args(parser.parse_args(["--semantic-cache", "--semantic-cache-threshold", "0.9"]))
     assert config == SemanticCacheConfig(similarity_threshold=0.9)
+    assert semantic_cache_from_args(parser.parse_args(["--semantic-cache"])) == SemanticCacheConfig()
+    # Not silently ignored with the cache off; a bad value is named by its flag.
+    with pytest.raises(ValueError, match="^--semantic-cache-threshold: needs --semantic-cache"):
+        semantic_cache_from_args(parser.parse_args(["--semantic-cache-threshold", "0.9"]))
+    with pytest.raises(ValueError, match=r"^--semantic-cache-threshold: must be in \(0, 1\], got 1.5"):
+        semantic_cache_from_args(parser.parse_args(["--semantic-cache", "--semantic-cache-threshold", "1.5"]))
 
 
 def test_after_redis_returns_answers_are_written_there_again(cache_env):

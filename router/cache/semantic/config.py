@@ -45,13 +45,22 @@ def add_semantic_cache_arguments(parser) -> None:
     parser.add_argument("--semantic-cache", action="store_true",
                         help="serve requests that opt in (body semantic_cache: true, header X-Semantic-Cache: on, "
                              "gRPC GenerateRequest.semantic_cache) from the semantic response cache (default off)")
-    parser.add_argument("--semantic-cache-threshold", type=float,
-                        default=SemanticCacheConfig.similarity_threshold,
-                        help="cosine similarity at or above which a cached answer may be used (default %(default)s)")
+    parser.add_argument("--semantic-cache-threshold", type=float, default=None,
+                        help="cosine similarity at or above which a cached answer may be used "
+                             f"(default {SemanticCacheConfig.similarity_threshold}; needs --semantic-cache)")
 
 
 def semantic_cache_from_args(args) -> SemanticCacheConfig | None:
     """The config of `--semantic-cache` (None: off); ValueError naming the option."""
     if not args.semantic_cache:
+        if args.semantic_cache_threshold is not None:
+            raise ValueError("--semantic-cache-threshold: needs --semantic-cache (the cache is off without it)")
         return None
-    return SemanticCacheConfig(similarity_threshold=args.semantic_cache_threshold)
+    threshold = args.semantic_cache_threshold
+    try:
+        return SemanticCacheConfig(similarity_threshold=SemanticCacheConfig.similarity_threshold
+                                   if threshold is None else threshold)
+    except ValueError as e:
+        if str(e).startswith("semantic_cache.similarity_threshold:"):
+            raise ValueError("--semantic-cache-threshold:" + str(e).split(":", 1)[1]) from None
+        raise
