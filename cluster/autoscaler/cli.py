@@ -62,15 +62,17 @@ def planner_config_from_args(args, mode: str = "disaggregated",
                                      args.gpus_per_worker)
         except ValueError as e:
             raise ValueError(f"--{opt}-min/--{opt}-max: {e}") from None
-    if args.autoscale_interval_s <= 0:
-        raise ValueError(f"--autoscale-interval-s: must be > 0, got {args.autoscale_interval_s}")
+    if not 0 < args.autoscale_interval_s <= 3600:
+        raise ValueError(f"--autoscale-interval-s: must be in (0, 3600], got {args.autoscale_interval_s}")
     try:
         return PlannerConfig(pools=pools, ttft_slo_s=args.ttft_slo_s, tpot_slo_s=args.tpot_slo_s,
                              gpu_budget=args.gpu_budget, prefill_tokens_per_s_per_replica=args.prefill_tokens_per_s,
                              manual_override_hold_s=args.manual_override_hold_s, warmup_s=args.warmup_s)
     except ValueError as e:
         name = str(e).split(":", 1)[0]
-        flag = {"ttft_slo_s": "--ttft-slo-s", "tpot_slo_s": "--tpot-slo-s", "gpu_budget": "--gpu-budget"}.get(name)
+        flag = {"ttft_slo_s": "--ttft-slo-s", "tpot_slo_s": "--tpot-slo-s", "gpu_budget": "--gpu-budget",
+                "warmup_s": "--warmup-s", "manual_override_hold_s": "--manual-override-hold-s",
+                "prefill_tokens_per_s_per_replica": "--prefill-tokens-per-s"}.get(name)
         raise ValueError(f"{flag}: {str(e).split(':', 1)[1].strip()}" if flag else str(e)) from None
 
 
@@ -166,7 +168,8 @@ def run(args) -> int:
             host = address.rsplit(":", 1)[0]
             out.append((address, f"{scheme}://{host}:{args.router_http_port}/metrics"))
         if args.router_selector:
-            for pod in core.list_namespaced_pod(args.namespace, label_selector=args.router_selector).items:
+            for pod in core.list_namespaced_pod(args.namespace, label_selector=args.router_selector,
+                                                _request_timeout=10).items:
                 ready = any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
                 if ready and pod.status.pod_ip and pod.metadata.deletion_timestamp is None:
                     ip = pod.status.pod_ip

@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from urllib3.exceptions import HTTPError
+
 from cluster.pools import PoolReplicas
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,14 @@ class KubeRayActuator:
     api_client: a kubernetes.client.ApiClient (in-cluster config in a pod, a kubeconfig elsewhere). groups: pool
     role -> worker group name (the chart's: prefill, decode)."""
 
-    def __init__(self, api_client, namespace: str, name: str, groups: dict[str, str] | None = None):
+    def __init__(self, api_client, namespace: str, name: str, groups: dict[str, str] | None = None,
+                 timeout_s: float = 10.0):
+        """timeout_s: bound on every API call (an API server that accepts and never answers must not hang the
+        autoscaler)."""
         from kubernetes import client
 
         self.namespace, self.name = namespace, name
+        self.timeout_s = timeout_s
         self.groups = dict(groups or DEFAULT_GROUPS)
         self._custom = client.CustomObjectsApi(api_client)
         self._core = client.CoreV1Api(api_client)
@@ -56,9 +62,11 @@ class KubeRayActuator:
 
         try:
             return self._custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL,
-                                                             self.name)
+                                                             self.name, _request_timeout=self.timeout_s)
         except ApiException as e:
             raise ActuatorError(f"RayCluster {self.namespace}/{self.name}: {e.status} {e.reason}") from e
+        except HTTPError as e:  # unreachable, or no answer within timeout_s
+            raise ActuatorError(f"RayCluster {self.namespace}/{self.name}: the API server: {e}") from e
 
     def _group_index(self, rc: dict, role: str) -> tuple[int, dict]:
         if role not in self.groups:
@@ -71,7 +79,11 @@ class KubeRayActuator:
 
     def _pods(self, group: str) -> list:
         selector = f"{CLUSTER_LABEL}={self.name},{GROUP_LABEL}={group}"
-        pods = self._core.list_namespaced_pod(self.namespace, label_selector=selector).items
+        try:
+            pods = self._core.list_namespaced_pod(self.namespace, label_selector=selector,
+                                                  _request_timeout=self.timeout_s).items
+        except HTTPError as e:
+            raise ActuatorError(f"pods of RayCluster {self.namespace}/{self.name}: the API server: {e}") from e
         # Checked here too: the selector is the whole contract between this actuator and KubeRay's labels.
         return [p for p in pods if (p.metadata.labels or {}).get(CLUSTER_LABEL) == self.name
                 and (p.metadata.labels or {}).get(GROUP_LABEL) == group]
@@ -121,10 +133,13 @@ class KubeRayActuator:
             patch.append({"op": "add", "path": f"{path}/scaleStrategy", "value": strategy})
         try:
             self._custom.patch_namespaced_custom_object(RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL,
-                                                        self.name, patch)
+                                                        self.name, patch, _request_timeout=self.timeout_s)
         except ApiException as e:
             raise ActuatorError(f"patching RayCluster {self.namespace}/{self.name} group {group!r}: "
                                 f"{e.status} {e.reason}") from e
+        except HTTPError as e:
+            raise ActuatorError(f"patching RayCluster {self.namespace}/{self.name} group {group!r}: the API "
+                                f"server: {e}") from e
         log.info("RayCluster %s/%s: worker group %s -> %d replicas", self.namespace, self.name, group, replicas)
 
 

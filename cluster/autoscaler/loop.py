@@ -65,8 +65,8 @@ class Autoscaler:
                  collect: Callable[[], tuple[list[WorkerLoad], list[RouterScrape]]], interval_s: float = 15.0,
                  mode: str = "disaggregated", metrics: AutoscalerMetrics | None = None, dry_run: bool = False,
                  clock: Callable[[], float] = time.monotonic):
-        if interval_s <= 0:
-            raise ValueError(f"interval_s: must be > 0, got {interval_s}")
+        if not 0 < interval_s <= 3600:
+            raise ValueError(f"interval_s: must be in (0, 3600], got {interval_s}")
         self.planner, self.actuator, self.collect = planner, actuator, collect
         self.interval_s, self.dry_run, self.clock = interval_s, dry_run, clock
         self.builder = SampleBuilder(mode)

@@ -97,9 +97,20 @@ class PlannerConfig:
         for role in self.pools:
             if role not in ("prefill", "decode", "both"):
                 raise ValueError(f"pools: roles are prefill, decode and both, got {role!r}")
-        for name in ("ttft_slo_s", "tpot_slo_s", "slo_headroom", "queue_share", "target_kv_cache_usage"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("ttft_slo_s", "tpot_slo_s", "slo_headroom", "queue_share", "target_kv_cache_usage",
+                     "target_prefill_utilization", "saturation_backlog_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}: must be > 0 and finite, got {getattr(self, name)}")
+        for name in ("tolerance", "scale_down_utilization", "scale_down_stabilization_s", "scale_up_cooldown_s",
+                     "scale_down_cooldown_s", "warmup_s", "trend_window_s", "forecast_horizon_s",
+                     "manual_override_hold_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name}: must be >= 0 and finite, got {getattr(self, name)}")
+        if not 1 <= self.max_trend_factor < math.inf:
+            raise ValueError(f"max_trend_factor: must be >= 1 and finite, got {self.max_trend_factor}")
+        rate = self.prefill_tokens_per_s_per_replica
+        if rate is not None and not 0 < rate < math.inf:
+            raise ValueError(f"prefill_tokens_per_s_per_replica: must be > 0 and finite, got {rate}")
         if self.gpu_budget is not None and self.gpu_budget < 0:
             raise ValueError(f"gpu_budget: must be >= 0, got {self.gpu_budget}")
         if self.gpu_budget is not None:
@@ -199,13 +210,14 @@ class Planner:
 
         if mem.last_set is not None and current != mem.last_set:
             mem.override_until_s = now_s + cfg.manual_override_hold_s
-        if now_s < mem.override_until_s:
-            return Decision(role, current, current, "manual_override")
-
+        # The bounds hold even against a manual change: a drained last worker must not leave a pool empty for the
+        # override's hold (found by a new-user trial: `tandem drain` of the only decode worker).
         if current < limits.min_replicas:
             return Decision(role, current, limits.min_replicas, "min_replicas")
         if current > limits.max_replicas:
             return Decision(role, current, limits.max_replicas, "max_replicas")
+        if now_s < mem.override_until_s:
+            return Decision(role, current, current, "manual_override")
         if load is None:
             return Decision(role, current, current, "no_metrics")
 

@@ -178,3 +178,19 @@ def test_limits_come_from_the_raycluster(k8s):
     emu, api = k8s
     limits = KubeRayActuator(api, NS, "tandem").limits()
     assert (limits["decode"].min_replicas, limits["decode"].max_replicas) == (1, 6)
+
+
+def test_an_api_server_that_never_answers_fails_within_the_timeout():
+    """A listener that accepts and never replies (found by a new-user trial: the autoscaler hung silently)."""
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        api = client.ApiClient(client.Configuration(host=f"http://127.0.0.1:{server.getsockname()[1]}"))
+        start = time.monotonic()
+        with pytest.raises(ActuatorError, match="the API server"):
+            KubeRayActuator(api, NS, "tandem", timeout_s=0.5).observe()
+        assert time.monotonic() - start < 5
+        api.close()

@@ -104,6 +104,10 @@ def test_options_map_to_the_planner_and_bad_ones_name_the_flag():
     for argv, flag in ((["--prefill-min", "5", "--prefill-max", "2"], "--prefill-min/--prefill-max"),
                        (["--ttft-slo-s", "0"], "--ttft-slo-s"),
                        (["--gpu-budget", "1", "--gpus-per-worker", "1"], "--gpu-budget: the pools. min_replicas need 2 GPUs"),
-                       (["--autoscale-interval-s", "0"], "--autoscale-interval-s")):
+                       (["--autoscale-interval-s", "0"], "--autoscale-interval-s"),
+                       (["--autoscale-interval-s", "nan"], "--autoscale-interval-s"),  # busy-looped once
+                       (["--autoscale-interval-s", "1e12"], "--autoscale-interval-s"),  # overflowed Event.wait
+                       (["--warmup-s", "-1"], "--warmup-s"),
+                       (["--prefill-tokens-per-s", "0"], "--prefill-tokens-per-s")):
         with pytest.raises(ValueError, match=flag):
             planner_config_from_args(parse(argv))

@@ -311,3 +311,20 @@ def test_a_recorded_ramp_scales_up_under_load_only():
     assert {r for _, r in ups["decode"]} <= {"tpot", "kv_cache", "trend"}
     # The load ends at ~160 s; the last requests finish by ~205 s. Nothing is asked for after that.
     assert all(t <= 210 for t, _ in ups["prefill"] + ups["decode"]), ups
+
+
+def test_a_manual_change_below_the_minimum_is_brought_back_at_once():
+    """`tandem drain` of the only decode worker shrinks its pool to 0: not a size to hold for the override's window
+    (every request would fail); the minimum wins (found by a new-user trial)."""
+    planner = Planner(config())
+    low = {"decode": decode_load(0.2, 1)}
+    planner.plan(0.0, {"decode": PoolReplicas(1, 1)}, Sample(0.0, low))
+    d = planner.plan(10.0, {"decode": PoolReplicas(0, 0, draining=1)}, Sample(10.0, low))["decode"]
+    assert (d.desired, d.reason) == (1, "min_replicas")
+
+
+@pytest.mark.parametrize("name", ["warmup_s", "manual_override_hold_s", "scale_up_cooldown_s"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_times_must_be_finite_and_not_negative(name, value):
+    with pytest.raises(ValueError, match=f"^{name}: must be >= 0 and finite"):
+        PlannerConfig(**{name: value})
