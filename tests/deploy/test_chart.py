@@ -332,6 +332,12 @@ def test_network_policies():
     ({"accelerator": {"type": "amd"}}, "/accelerator/type"),
     ({"mode": "colocated"}, "at '/mode'"),
     ({"redis": {"url": "http://redis:6379"}}, "/redis/url"),
+    # From the new-user trial: values that rendered and only failed once deployed.
+    ({"semanticCache": {"enabled": True, "threshold": -1}}, "/semanticCache/threshold"),
+    ({"decode": {"maxReplicas": 0, "minReplicas": 0, "replicas": 0}}, "/decode/maxReplicas"),
+    ({"prefill": {"shmSize": "lots"}}, "/prefill/shmSize"),
+    ({"autoscaler": {"enabled": True, "apiKeySecret": {"name": "k", "key": ""}}}, "/autoscaler/apiKeySecret/key"),
+    ({"model": {"path": "/models/$(reboot).gguf"}}, "/model/path"),  # a shell word on the head
 ])
 def test_schema_refuses_wrong_types_and_unknown_keys(values, message):
     with pytest.raises(helm.HelmValuesError) as e:
@@ -348,6 +354,11 @@ def test_schema_refuses_wrong_types_and_unknown_keys(values, message):
     ({"router": {"service": {"type": "LoadBalancer"}}}, "auth.apiKeysSecret: required"),
     ({"tls": {"enabled": True}}, "tls.secretName: required"),
     ({"internalTls": {"enabled": True, "secretName": "s"}}, "internalTls.secretName and internalTls.serverName"),
+    ({"router": {"service": {"grpcPort": 8000}}}, "router.service.grpcPort and router.service.httpPort: must differ"),
+    ({"router": {"replicas": 2, "podDisruptionBudget": {"minAvailable": 2}}},
+     "router.podDisruptionBudget.minAvailable: must be below router.replicas (2), got 2"),
+    ({"accelerator": {"type": "nvidia"}, "autoscaler": {"enabled": True, "gpuBudget": 1}},
+     "autoscaler.gpuBudget: the pools' minReplicas need 2 GPUs, got 1"),
 ])
 def test_inconsistent_values_fail_with_a_message(values, message):
     with pytest.raises(helm.HelmRenderError) as e:

@@ -100,6 +100,19 @@ securityContext:
 {{- if and (not .Values.auth.apiKeysSecret) (not .Values.auth.allowUnauthenticated) (ne .Values.router.service.type "ClusterIP") -}}
 {{- fail (printf "auth.apiKeysSecret: required with router.service.type=%s (the routers would serve without API keys outside the cluster); set auth.allowUnauthenticated=true to do so anyway" .Values.router.service.type) -}}
 {{- end -}}
+{{- if eq (int .Values.router.service.grpcPort) (int .Values.router.service.httpPort) -}}
+{{- fail (printf "router.service.grpcPort and router.service.httpPort: must differ, got %d for both" (int .Values.router.service.grpcPort)) -}}
+{{- end -}}
+{{- $pdb := .Values.router.podDisruptionBudget -}}
+{{- if and $pdb.enabled (not (kindIs "string" $pdb.minAvailable)) (ge (int $pdb.minAvailable) (int .Values.router.replicas)) (gt (int .Values.router.replicas) 1) -}}
+{{- fail (printf "router.podDisruptionBudget.minAvailable: must be below router.replicas (%d), got %d: no router could ever be evicted and node drains would block" (int .Values.router.replicas) (int $pdb.minAvailable)) -}}
+{{- end -}}
+{{- if and .Values.autoscaler.enabled (not (kindIs "invalid" .Values.autoscaler.gpuBudget)) (eq .Values.accelerator.type "nvidia") -}}
+{{- $floor := mul (add (int .Values.prefill.minReplicas) (int .Values.decode.minReplicas)) (int .Values.prefill.parallelism.tensor) -}}
+{{- if lt (int .Values.autoscaler.gpuBudget) (int $floor) -}}
+{{- fail (printf "autoscaler.gpuBudget: the pools' minReplicas need %d GPUs, got %d" (int $floor) (int .Values.autoscaler.gpuBudget)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The Redis password env (from a Secret) and TANDEM_REDIS_URL built from it: no secret in the pod spec. */}}
@@ -174,7 +187,7 @@ securityContext:
 {{- $e := .Values.engine -}}
 --ray-address auto --registry-port 50100 --pool-resources --follow-nodes --redis-url "$TANDEM_REDIS_URL"
 {{- printf " --drain-timeout-s %d" (int .Values.head.drainTimeoutSeconds) }}
-{{- with .Values.model.path }} --model {{ . | quote }}{{ end }}
+{{- with .Values.model.path }} --model {{ . | squote }}{{ end }}
 {{- printf " --tensor-parallel-size %d" (int .Values.prefill.parallelism.tensor) }}
 {{- if eq .Values.accelerator.type "nvidia" }} --num-gpus-per-worker 1{{ end }}
 {{- printf " --num-cpus-per-worker %v" $e.numCpusPerWorker }} --kv-transport tcp --kv-offload {{ $e.kvOffload }}
