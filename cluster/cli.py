@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -95,6 +96,20 @@ def _autoscale_config(args):
     return planner, max(limits.max_replicas for limits in planner.pools.values())
 
 
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """ValueError naming the flag when something already listens there: found before Ray and the workers start,
+    not a minute later when the router binds."""
+    if port <= 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"{flag}: cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def _up(args) -> int:
     from cluster import session
 
@@ -107,6 +122,9 @@ def _up(args) -> int:
             StoreConfig(args.redis_url)
         semantic_cache = semantic_cache_from_args(args)
         autoscale, max_workers = _autoscale_config(args)
+        _check_port_free(args.host, args.port, "--port")
+        if args.http_port > 0:
+            _check_port_free(args.host, args.http_port, "--http-port")
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2

@@ -108,7 +108,9 @@ def add_parser(sub) -> None:
 
 def add_drain_parser(sub) -> None:
     p = sub.add_parser("drain", help="drain workers through a controller's registry: they take no new requests, "
-                                     "finish theirs, stop, and their pool shrinks by one (a worker pod's preStop hook)")
+                                     "finish theirs, stop, and their pool shrinks by one (a worker pod's preStop hook)",
+                       description="Exit status: 0 drained, or no worker on --node-ip; 1 the registry refused, "
+                                   "failed, or has no worker --worker-id; 2 bad options.")
     p.add_argument("--registry", required=True, help="the controller's registry host:port")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--worker-id", default="", help="the worker to drain")
@@ -123,7 +125,8 @@ def add_drain_parser(sub) -> None:
 
 
 def run_drain(args) -> int:
-    """0 when drained (or when nothing runs there: a pod without a worker); 1 when the registry refused or failed."""
+    """0 when drained (or when no worker runs on --node-ip: a pod without one); 1 when the registry refused or failed,
+    or knows no --worker-id."""
     import grpc
 
     from tandem.v1 import worker_pb2 as wpb
@@ -144,7 +147,9 @@ def run_drain(args) -> int:
             resp = worker_pb2_grpc.RegistryStub(channel).DrainWorker(request, timeout=args.timeout_s)
         except grpc.RpcError as e:
             print(f"tandem drain: {args.registry}: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 0 if e.code() == grpc.StatusCode.NOT_FOUND else 1
+            # No worker on a pod's node (a preStop hook on a pod whose worker never started): nothing to do. An
+            # unknown --worker-id is more likely a typo: an error.
+            return 0 if e.code() == grpc.StatusCode.NOT_FOUND and args.node_ip else 1
     print(f"tandem drain: {'drained' if request.wait else 'draining'} {', '.join(resp.worker_ids)}", flush=True)
     return 0
 

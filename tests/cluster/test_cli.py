@@ -87,3 +87,16 @@ def test_stop_signal_to_the_whole_process_group_drains_and_exits_0(sig):
         assert "SIGTERM received" not in out, out
     finally:
         up.kill()
+
+
+def test_a_busy_port_is_refused_before_the_cluster_starts():
+    """Named at once (exit 2), not a traceback after Ray and the workers have started (new-user trial)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = tandem("up", "--port", str(port), timeout=60)
+        assert out.returncode == 2
+        assert out.stderr.strip() == f"tandem up: --port: cannot listen on 127.0.0.1:{port}: Address already in use"
+        out = tandem("up", "--port", str(free_port()), "--http-port", str(port), timeout=60)
+        assert out.returncode == 2 and "--http-port: cannot listen" in out.stderr

@@ -130,9 +130,9 @@ def test_tandem_drain_asks_the_registry_and_waits(registry):
     out = tandem("drain", "--registry", reg.address, "--node-ip", "10.0.0.7", timeout=60)
     assert out.returncode == 0 and "drained decode-1" in out.stdout, out.stderr
     assert reg.control.drained == [("", "10.0.0.7", True)]
-    # A pod with no worker on it (preStop runs anyway): nothing to do, not an error.
+    # An unknown worker id (a typo) is an error; only --node-ip treats "no worker there" as done (a pod's preStop).
     out = tandem("drain", "--registry", reg.address, "--worker-id", "decode-9", "--no-wait", timeout=60)
-    assert out.returncode == 0 and "NOT_FOUND: worker_id: no worker 'decode-9'" in out.stderr
+    assert out.returncode == 1 and "NOT_FOUND: worker_id: no worker 'decode-9'" in out.stderr
 
 
 def test_pool_rpcs_over_internal_tls(certs):
