@@ -83,8 +83,8 @@ def _autoscale_config(args):
     option."""
     if not args.autoscale:
         return None, None
-    args.gpus_per_worker = int(args.num_gpus_per_worker * args.tensor_parallel_size)
-    planner = autoscaler_cli.planner_config_from_args(args, mode=args.mode)
+    planner = autoscaler_cli.planner_config_from_args(
+        args, mode=args.mode, gpus_per_worker=int(args.num_gpus_per_worker * args.tensor_parallel_size))
     initial = {"both": args.workers} if args.mode == "colocated" else {"prefill": args.prefill_workers,
                                                                        "decode": args.decode_workers}
     for role, limits in planner.pools.items():
@@ -123,8 +123,7 @@ def _up(args) -> int:
         semantic_cache = semantic_cache_from_args(args)
         autoscale, max_workers = _autoscale_config(args)
         _check_port_free(args.host, args.port, "--port")
-        if args.http_port > 0:
-            _check_port_free(args.host, args.http_port, "--http-port")
+        _check_port_free(args.host, args.http_port, "--http-port")
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2

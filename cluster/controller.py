@@ -362,12 +362,16 @@ class Controller:
         loads = {}
         for w in workers:
             try:
-                with tls.channel(w.info.address, self.config.internal_tls) as channel:
-                    s = worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=1)
-                loads[w.worker_id] = s.num_running + s.num_waiting + s.num_kv_held
+                loads[w.worker_id] = self._num_busy(w.info, timeout_s=1)
             except Exception:  # noqa: BLE001 - silent: a good one to let go
                 loads[w.worker_id] = 0
         return loads
+
+    def _num_busy(self, info: wpb.WorkerInfo, timeout_s: float) -> int:
+        """The requests a worker has (running, waiting, holding KV for a hand-off), from its GetStats."""
+        with tls.channel(info.address, self.config.internal_tls) as channel:
+            s = worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=timeout_s)
+        return s.num_running + s.num_waiting + s.num_kv_held
 
     def _start_drain(self, w: _Worker) -> None:
         thread = threading.Thread(target=self._drain, args=(w,), name=f"tandem-drain-{w.worker_id}", daemon=True)
@@ -408,9 +412,7 @@ class Controller:
             idle_since = None
             while not self._stop.is_set() and time.monotonic() < deadline:
                 try:
-                    with tls.channel(w.info.address, self.config.internal_tls) as channel:
-                        s = worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=5)
-                    busy = s.num_running + s.num_waiting + s.num_kv_held
+                    busy = self._num_busy(w.info, timeout_s=5)
                 except Exception:  # noqa: BLE001 - gone already: nothing left to wait for
                     break
                 now = time.monotonic()

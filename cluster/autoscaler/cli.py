@@ -46,10 +46,12 @@ def add_planner_arguments(p: argparse.ArgumentParser, pools_default: tuple[int, 
                    help="latency and queue after a worker became ready are ignored this long (%(default)s)")
 
 
-def planner_config_from_args(args, mode: str = "disaggregated",
-                             limits: dict[str, tuple[int, int]] | None = None) -> PlannerConfig:
+def planner_config_from_args(args, mode: str = "disaggregated", limits: dict[str, tuple[int, int]] | None = None,
+                             gpus_per_worker: int | None = None) -> PlannerConfig:
     """ValueError naming the option for a bad value. limits: bounds read from the RayCluster, used where the
-    options leave them out."""
+    options leave them out. gpus_per_worker: in place of --gpus-per-worker (tandem up derives it)."""
+    if gpus_per_worker is None:
+        gpus_per_worker = args.gpus_per_worker
     roles = ("both",) if mode == "colocated" else ("prefill", "decode")
     pools = {}
     for role in roles:
@@ -59,7 +61,7 @@ def planner_config_from_args(args, mode: str = "disaggregated",
         hi = getattr(args, f"{opt}_max")
         try:
             pools[role] = PoolLimits(lo_default if lo is None else lo, hi_default if hi is None else hi,
-                                     args.gpus_per_worker)
+                                     gpus_per_worker)
         except ValueError as e:
             raise ValueError(f"--{opt}-min/--{opt}-max: {e}") from None
     if not 0 < args.autoscale_interval_s <= 3600:

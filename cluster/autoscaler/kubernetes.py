@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from cluster.pools import PoolReplicas
@@ -58,8 +59,6 @@ class KubeRayActuator:
     # --- reading --------------------------------------------------------------------------------------
 
     def _raycluster(self) -> dict:
-        from kubernetes.client.exceptions import ApiException
-
         try:
             return self._custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, self.namespace, RAY_PLURAL,
                                                              self.name, _request_timeout=self.timeout_s)
@@ -114,8 +113,6 @@ class KubeRayActuator:
 
     def scale(self, role: str, replicas: int) -> None:
         """Set the pool's worker group to `replicas`; a scale-down names the pods that go (pending, then newest)."""
-        from kubernetes.client.exceptions import ApiException
-
         if replicas < 0:
             raise ValueError(f"replicas: must be >= 0, got {replicas}")
         rc = self._raycluster()
