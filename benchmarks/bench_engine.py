@@ -11,6 +11,10 @@ One run measures, on the same process and threads:
     python benchmarks/bench_engine.py                  # CPU: default SmolLM2-135M GGUF in float32, HF baseline
     python benchmarks/bench_engine.py --gpu            # CUDA: llama-3-8b dummy weights in bfloat16, no HF
     python benchmarks/bench_engine.py --markdown       # also print the rows for docs/benchmarks.md
+    python benchmarks/bench_engine.py --gpu --enforce-eager   # CUDA without graphs, to compare with the default
+
+--attention-backend, --enforce-eager and --cudagraph-capture-sizes reach the engine only when given, so a run
+without them measures the engine's defaults.
 
 Results go to a JSON file (--output) with the command line, the machine and the date.
 """
@@ -386,6 +390,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="decode batch sizes, comma-separated (default: 1 on CPU, 1,64 on CUDA)")
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--attention-backend", default=None, choices=("auto", "triton", "sdpa"),
+                   help="engine option attention_backend (default: the engine's)")
+    p.add_argument("--enforce-eager", action="store_true", help="engine option enforce_eager: no CUDA graphs")
+    p.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None,
+                   help="engine option cudagraph_capture_sizes, comma-separated (default: the engine's)")
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="engine option kv_cache_memory_bytes (default: the engine's share of free memory)")
     p.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth-test buffer")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default: bench-results/engine-<date>.json)")
     p.add_argument("--markdown", action="store_true", help="print the rows for docs/benchmarks.md")
@@ -402,6 +413,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def graph_options(args: argparse.Namespace) -> dict:
+    """The attention, CUDA-graph and KV-size engine options given on the command line, and only those."""
+    opts = {}
+    if args.attention_backend is not None:
+        opts["attention_backend"] = args.attention_backend
+    if args.enforce_eager:
+        opts["enforce_eager"] = True
+    if args.kv_cache_memory_bytes is not None:
+        opts["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
+    if args.cudagraph_capture_sizes:
+        opts["cudagraph_capture_sizes"] = args.cudagraph_capture_sizes
+    return opts
+
+
+def effective_engine_options(config) -> dict:
+    """What the engine ran with, read back from its config (None where this engine has no such option)."""
+    sizes = getattr(config, "cudagraph_capture_sizes", None)
+    return {"attention_backend": getattr(config, "attention_backend", None),
+            "enforce_eager": getattr(config, "enforce_eager", None),
+            "cudagraph_capture_sizes": list(sizes) if sizes is not None else None}
+
+
 def run(args: argparse.Namespace, command: str) -> dict:
     """Everything the benchmark measures, as one JSON-ready dict."""
     device = resolve_device(args.device)
@@ -414,6 +447,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         engine_opts["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         engine_opts["max_num_batched_tokens"] = args.max_num_batched_tokens
+    engine_opts.update(graph_options(args))
     batch_sizes = args.batch_sizes or ([1, 64] if device.type == "cuda" else [1])
 
     # Before the engine sizes its KV cache from the free memory, so the two buffers always fit.
@@ -473,6 +507,7 @@ def run(args: argparse.Namespace, command: str) -> dict:
         "command": command,
         "machine": machine_info(device),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "engine_options": {**engine_opts, **effective_engine_options(llm.engine.config)},
         "model": {
             "name": llm.engine.model_name, "dtype": str(llm.engine.dtype).removeprefix("torch."),
             "device": str(llm.engine.device), "num_params": sum(p.numel() for p in model.parameters()),

@@ -1,0 +1,92 @@
+"""The prepared GPU check (benchmarks/gpu_check.sh and the scripts it runs) in its CPU smoke mode: it runs only
+when a GPU is lent, for minutes, so it must work the first time."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.profile_decode import summarize_trace, union_us
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+# engine and profile are the same scripts as engine-eager and profile-eager without --enforce-eager: left out to
+# keep this test short.
+SMOKE_PARTS = ("env", "gpu-tests", "engine-eager", "profile-eager", "attention", "hf")
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_gpu_busy_time_counts_overlapping_kernels_once():
+    assert union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert union_us([]) == 0
+
+
+def test_trace_summary_counts_kernels_launches_and_busy_time_per_step():
+    kernel = {"ph": "X", "cat": "kernel", "name": "gemm"}
+    trace = {"traceEvents": [
+        {**kernel, "ts": 0, "dur": 100}, {**kernel, "ts": 50, "dur": 100}, {**kernel, "ts": 400, "dur": 100},
+        {**kernel, "ts": 1000, "dur": 200},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 990, "dur": 5},
+        {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernel", "ts": 995, "dur": 5},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 1300, "dur": 5},
+    ]}
+    got = summarize_trace(trace, num_steps=2)
+    assert got["gpu_busy_ms_per_step"] == pytest.approx((150 + 100 + 200) / 1e3 / 2)
+    assert got["kernels_per_step"] == 2
+    assert got["host_launches_per_step"] == 1.5  # one graph replay and two eager launches over two steps
+    assert got["top_kernels"][0]["count"] == 4
+
+
+def test_a_cpu_trace_has_null_gpu_fields():
+    got = summarize_trace({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 9}]}, 2)
+    assert got["gpu_busy_ms_per_step"] is None and got["host_launches_per_step"] is None
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_MODEL": str(tiny_checkpoint("llama")),
+           "PYTHON": sys.executable, "GPU_CHECK_PARTS": ",".join(SMOKE_PARTS)}
+    subprocess.run(["bash", str(SCRIPT), str(out)], cwd=REPO, env=env, check=True, timeout=240)
+    return out
+
+
+def test_smoke_run_completes_every_part_and_summarizes(smoke_out):
+    summary = json.loads((smoke_out / "summary.json").read_text())
+    parts = summary["parts"]
+    assert set(parts) >= set(SMOKE_PARTS)
+    assert {name: p["rc"] for name, p in parts.items() if p["rc"] not in (0, "skipped")} == {}
+    assert parts["engine-eager"]["rc"] == 0 and parts["hf"]["rc"] == 0
+    assert parts["gpu-tests"]["tests"]["failures"] == 0
+    env = parts["env"]["result"]
+    assert env["torch"] and "cuda_available" in env
+
+
+def test_smoke_engine_bench_records_the_engine_options(smoke_out):
+    engine = json.loads((smoke_out / "engine-eager.json").read_text())
+    assert engine["engine_options"]["enforce_eager"] is True
+    assert [d["batch_size"] for d in engine["decode"]] == [1, 2]
+
+
+def test_smoke_profile_writes_per_step_numbers(smoke_out):
+    profile = json.loads((smoke_out / "profile-eager.json").read_text())
+    assert profile["config"]["enforce_eager"] is True and profile["config"]["attention_backend"]
+    for r in profile["results"]:
+        assert r["decode_only"] and r["wall_ms_per_step"] > 0
+        assert r["gpu_busy_ms_per_step"] is None and r["host_launches_per_step"] is None  # CPU: no GPU
+        assert 0 < len(r["top_cpu_ops"]) <= 15 and r["top_cpu_ops"][0]["self_cpu_ms"] > 0
+
+
+def test_smoke_hf_bench_measures_eager_and_static(smoke_out):
+    hf = json.loads((smoke_out / "hf.json").read_text())
+    runs = {(r["mode"], r["batch_size"]): r for r in hf["results"]}
+    assert set(runs) == {("eager", 1), ("eager", 2), ("static", 1)}
+    assert all(r["error"] is None and r["tok_s"] > 0 for r in runs.values())
