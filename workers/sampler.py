@@ -3,7 +3,10 @@
 The order follows vLLM: raw logprobs → logit_bias → min_tokens ban → penalties → greedy argmax | temperature → top-k →
 top-p → min-p → exponential race. A seeded row's token depends only on (seed, step, its own logits and
 params), so a request yields the same tokens in any batch, any row position, any process, and after being
-preempted and recomputed.
+preempted and recomputed (on one kind of device: CPU and CUDA draw from different generators).
+
+On CUDA a step never waits for the GPU except once, at the end: host data reaches the device through pinned
+memory with asynchronous copies, and the sampled ids (with the logprobs when asked) come back in one copy.
 """
 from __future__ import annotations
 
@@ -96,18 +99,18 @@ class SamplingBatch:
         asked = [p.logprobs for p in params if p.logprobs is not None]
         biases = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias.items()]
 
-        def f32(xs):
-            return torch.tensor(xs, dtype=torch.float32, device=device)
-
+        # One copy per dtype: each row of these is a view.
+        floats = _to_device([temperature, top_p, min_p, rep, pres, freq], torch.float32, device)  # [6, B]
+        ints = _to_device([top_k, greedy], torch.int64, device)  # [2, B]
         return cls(
-            temperature=f32(temperature),
-            top_p=f32(top_p),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            min_p=f32(min_p),
-            repetition_penalties=f32(rep),
-            presence_penalties=f32(pres),
-            frequency_penalties=f32(freq),
-            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=floats[0],
+            top_p=floats[1],
+            top_k=ints[0],
+            min_p=floats[2],
+            repetition_penalties=floats[3],
+            presence_penalties=floats[4],
+            frequency_penalties=floats[5],
+            greedy_mask=ints[1].bool(),
             all_greedy=all(greedy),
             all_random=not any(greedy),
             no_top_k=all(k == 0 for k in top_k),
@@ -137,6 +140,18 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, k] float32
 
 
+def _to_device(data, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of host data (nested lists) on `device`.
+
+    For CUDA it is staged in pinned memory and copied asynchronously: a copy from pageable memory makes the host
+    wait for the GPU. The caching host allocator keeps the pinned block alive until the copy is done.
+    """
+    tensor = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def seed_for_step(seed: int, step: int) -> int:
     """A stable 63-bit generator seed from (request seed, output position); the same in every process."""
     h = hashlib.blake2b(digest_size=8)
@@ -157,14 +172,24 @@ class Sampler:
         if batch.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
 
-        logits = logits.to(torch.float32, copy=True)
+        logits = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        device, vocab_size = logits.device, logits.shape[1]
+        # Flat indices into the contiguous [B * V] view: index_add_/index_fill_ never wait for the GPU (advanced
+        # indexing with host lists would). A token id >= V would land in the next row, hence the checks.
+        flat_logits = logits.view(-1)
         if batch.logit_biases:
-            rows, cols, biases = zip(*batch.logit_biases)
-            logits[list(rows), list(cols)] += torch.tensor(biases, dtype=torch.float32, device=logits.device)
+            bad = next((t for _, t, _ in batch.logit_biases if t >= vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"logit_bias: token id {bad} is out of the vocabulary (must be < {vocab_size})")
+            # (row, token) pairs are unique (logit_bias is a dict per row), so adding equals `+=` per entry.
+            flat_ids = _to_device([row * vocab_size + t for row, t, _ in batch.logit_biases], torch.int64, device)
+            biases = _to_device([b for _, _, b in batch.logit_biases], torch.float32, device)
+            flat_logits.index_add_(0, flat_ids, biases)
         if batch.min_tokens_bans:
-            rows = [row for row, ids in batch.min_tokens_bans for _ in ids]
-            cols = [t for _, ids in batch.min_tokens_bans for t in ids]
-            logits[rows, cols] = float("-inf")
+            # A stop token id outside the vocabulary can never be sampled: nothing to ban.
+            flat_ids = [row * vocab_size + t for row, ids in batch.min_tokens_bans for t in ids if t < vocab_size]
+            if flat_ids:
+                flat_logits.index_fill_(0, _to_device(flat_ids, torch.int64, device), float("-inf"))
         if not batch.no_penalties:
             logits = apply_penalties(logits, batch)
 
@@ -177,11 +202,14 @@ class Sampler:
 
         logprobs = top_ids = top_logprobs = None
         if raw_logprobs is not None:
-            logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).cpu()
+            logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
             if batch.max_num_logprobs > 0:
                 top = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)
-                top_ids, top_logprobs = top.indices.cpu(), top.values.cpu()
-        return SamplerOutput(token_ids.tolist(), logprobs, top_ids, top_logprobs)
+                top_ids, top_logprobs = top.indices, top.values
+        if device.type == "cuda":
+            return _fetch_from_cuda(token_ids, logprobs, top_ids, top_logprobs)
+        on_host = [None if t is None else t.cpu() for t in (logprobs, top_ids, top_logprobs)]
+        return SamplerOutput(token_ids.tolist(), *on_host)
 
     def _sample_random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits / batch.temperature.unsqueeze(1)
@@ -219,6 +247,34 @@ class Sampler:
         return self._generators[device]
 
 
+def _fetch_from_cuda(token_ids: torch.Tensor, logprobs: torch.Tensor | None, top_ids: torch.Tensor | None,
+                     top_logprobs: torch.Tensor | None) -> SamplerOutput:
+    """The step's one device-to-host copy and its one wait.
+
+    float64 holds every column exactly: token ids (< 2**53) and float32 logprobs. The wait is an event
+    synchronize, which, unlike a stream synchronize or a blocking copy, sync debug mode does not report.
+    """
+    cols = [token_ids.unsqueeze(1)]  # [B, 1]
+    if logprobs is not None:
+        cols.append(logprobs.unsqueeze(1))  # [B, 1]
+    if top_ids is not None:
+        cols += [top_ids, top_logprobs]  # [B, k] each
+    packed = torch.cat([c.double() for c in cols], dim=1)  # [B, 1 (+ 1) (+ 2k)]
+    host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(packed.device))
+    done.synchronize()
+
+    ids = host[:, 0].long().tolist()
+    if logprobs is None:
+        return SamplerOutput(ids, None, None, None)
+    if top_ids is None:
+        return SamplerOutput(ids, host[:, 1].float(), None, None)
+    k = top_ids.shape[1]
+    return SamplerOutput(ids, host[:, 1].float(), host[:, 2 : 2 + k].long(), host[:, 2 + k :].float())
+
+
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition penalty (HF-style) over prompt and output tokens; presence/frequency over output tokens."""
     num_rows, vocab_size = logits.shape
@@ -241,7 +297,7 @@ def _token_counts(token_ids: list[list[int]], num_rows: int, vocab_size: int, de
     counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
     if max_len:
         padded = [list(ids) + [vocab_size] * (max_len - len(ids)) for ids in token_ids]
-        ids = torch.tensor(padded, dtype=torch.int64, device=device).clamp_(max=vocab_size)
+        ids = _to_device(padded, torch.int64, device).clamp_(max=vocab_size)
         counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
     return counts[:, :vocab_size]
 
@@ -261,6 +317,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop the low tail whose mass is <= 1 - p; always keep the most likely token.
         drop = cum_probs <= (1 - top_p).unsqueeze(1)
-        drop[:, -1] = False
+        drop[:, -1].fill_(False)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(sorted_logits).scatter_(1, sorted_ids, sorted_logits)

@@ -245,3 +245,17 @@ def test_logit_bias_plus_100_forces_a_token_and_minus_100_bans_one(sampler):
     # Logprobs stay those of the model (vLLM's default): the bias changes the choice, not the reported logprob.
     out = sampler(logits[:1], make_batch([SamplingParams(temperature=0.0, logit_bias={17: 100}, logprobs=0)]))
     assert out.logprobs[0].item() == pytest.approx(torch.log_softmax(logits[0], -1)[17].item(), abs=1e-5)
+
+
+def test_min_tokens_ignores_stop_token_ids_outside_the_vocabulary(sampler):
+    # Such an id can never be sampled; it must not ban a token of the next row either (bans use flat indices).
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 3] = 10.0
+    params = [SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[VOCAB + 3], ignore_eos=True),
+              SamplingParams(temperature=0.0)]
+    assert sampler(logits, make_batch(params)).token_ids == [3, 3]
+
+
+def test_logit_bias_outside_the_vocabulary_is_an_error(sampler):
+    with pytest.raises(ValueError, match="logit_bias"):
+        sampler(torch.zeros(2, VOCAB), make_batch([SamplingParams(logit_bias={VOCAB + 1: 5.0}), SamplingParams()]))
