@@ -7,6 +7,8 @@ ROLES = ("both", "prefill", "decode")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+# "auto": triton on CUDA, sdpa on CPU (workers/model/backends/).
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class EngineConfig:
     seed: int = 0
     # False: stop strings and text are someone else's (cluster workers: the router detokenizes).
     detokenize: bool = True
+    attention_backend: str = "auto"
+    # CUDA graphs for decode-only steps (workers/model/cuda_graph.py), as vLLM names them: enforce_eager turns
+    # them off; cudagraph_capture_sizes are the padded batch sizes captured (None: 1, 2, 4, 8, 16, ... up to
+    # max_num_seqs). Ignored on CPU, which has no graphs.
+    enforce_eager: bool = False
+    cudagraph_capture_sizes: tuple[int, ...] | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -75,6 +83,22 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend: must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager: must be true or false, got {self.enforce_eager!r}")
+        if self.cudagraph_capture_sizes is not None:
+            sizes = self.cudagraph_capture_sizes
+            if not isinstance(sizes, (list, tuple)) or not all(type(n) is int for n in sizes):
+                raise ValueError(f"cudagraph_capture_sizes: must be a list of integers, got {sizes!r}")
+            if not sizes or min(sizes) < 1 or max(sizes) > self.scheduler.max_num_seqs:
+                raise ValueError(
+                    f"cudagraph_capture_sizes: must be non-empty, each in [1, max_num_seqs={self.scheduler.max_num_seqs}],"
+                    f" got {list(sizes)}"
+                )
+            object.__setattr__(self, "cudagraph_capture_sizes", tuple(sorted(set(sizes))))
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs) -> "EngineConfig":

@@ -34,6 +34,7 @@ def _agree_num_blocks(runner: ModelRunner, tp: TPGroup) -> int:
 def build_runner(config, model_config, source, tp, max_model_len) -> ModelRunner:
     runner = ModelRunner(config, model_config, source, tp, max_model_len)
     runner.allocate_kv_cache(_agree_num_blocks(runner, tp))
+    runner.capture_cuda_graphs()
     return runner
 
 

@@ -13,7 +13,8 @@ import torch
 
 from workers.config import EngineConfig
 from workers.cpu_tuning import tune_glibc_malloc
-from workers.model.attention import SeqSpan, TorchSDPABackend
+from workers.model.backends import make_attention_backend
+from workers.model.backends.base import SeqSpan, to_device
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
 from workers.model.loader import ModelSource, iter_weights
@@ -83,7 +84,9 @@ class ModelRunner:
         if self.device.type == "cpu":
             tune_glibc_malloc()
         self.block_size = config.cache.block_size
-        self.backend = TorchSDPABackend()
+        self.max_model_len = max_model_len
+        self.backend = make_attention_backend(config.attention_backend, self.device)
+        self.graph_runner = None  # set by capture_cuda_graphs
 
         torch.manual_seed(config.seed)
         with torch.device(self.device):
@@ -97,7 +100,6 @@ class ModelRunner:
         if self.device.type == "cpu":
             self.model.lm_head.keep_transposed_copy()
         self.num_blocks = 0  # set by allocate_kv_cache once all ranks agree on a count
-
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -153,16 +155,45 @@ class ModelRunner:
         self._num_zeroed_blocks = end
 
     @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode-only steps as CUDA graphs (workers/model/cuda_graph.py); after allocate_kv_cache.
+
+        A no-op on CPU and with enforce_eager. With TP > 1 every rank captures the same buckets in the same
+        order, so the collectives inside the graphs line up.
+        """
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        from workers.model.cuda_graph import CUDAGraphRunner, default_capture_sizes
+
+        sizes = self.config.cudagraph_capture_sizes or default_capture_sizes(self.config.scheduler.max_num_seqs)
+
+        def forward_logits(input_ids, positions, attn_meta):
+            hidden = self.model(input_ids, positions, self.layer_caches, self.backend, attn_meta)
+            return self.model.compute_logits(hidden).float()
+
+        self.graph_runner = CUDAGraphRunner(
+            forward_logits, self.backend, capture_sizes=list(sizes),
+            max_num_blocks_per_seq=-(-self.max_model_len // self.block_size), block_size=self.block_size,
+            vocab_size=self.model_config.vocab_size, device=self.device,
+        )
+        self.graph_runner.capture()
+
+    @torch.inference_mode()
     def execute(self, inp: ModelInput) -> torch.Tensor | None:
-        """One forward pass over the step's tokens; returns float32 logits [num_sampled, vocab] or None."""
+        """One forward pass over the step's tokens; returns float32 logits [num_sampled, vocab] or None.
+
+        Decode-only steps that fit a captured bucket replay a CUDA graph; the rest run eagerly.
+        """
         self._zero_blocks_through(max(max(s.block_ids) for s in inp.spans))
+        if self.graph_runner is not None and inp.logits_indices.numel() and self.graph_runner.supports(inp):
+            return self.graph_runner.run(inp)
         meta = self.backend.build_metadata(inp.spans, self.block_size, self.device)
-        input_ids = inp.input_ids.to(self.device, non_blocking=True)
-        positions = inp.positions.to(self.device, non_blocking=True)
+        input_ids = to_device(inp.input_ids, self.device)
+        positions = to_device(inp.positions, self.device)
         hidden = self.model(input_ids, positions, self.layer_caches, self.backend, meta)
         if inp.logits_indices.numel() == 0:
             return None
-        hidden = hidden[inp.logits_indices.to(self.device)]
+        hidden = hidden.index_select(0, to_device(inp.logits_indices, self.device))
         return self.model.compute_logits(hidden).float()
 
     # --- KV hand-off: this rank's shard of whole blocks --------------------------------------------------
@@ -174,12 +205,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] on CPU."""
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return self._block_view().index_select(2, idx).cpu()
+        """[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] in host memory (pinned on CUDA).
+
+        The transports (tcp, shm, the Redis tier) move host memory; from a GPU the blocks are gathered on the
+        device and copied once into a pinned buffer, at the full PCIe rate instead of pageable memory's.
+        """
+        idx = to_device(torch.tensor(block_ids, dtype=torch.long), self.device)
+        blocks = self._block_view().index_select(2, idx)
+        if self.device.type != "cuda":
+            return blocks
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+        host.copy_(blocks, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()  # the caller reads host right away; an event wait, so the sync debug mode stays quiet
+        return host
 
     @torch.inference_mode()
     def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """data: [num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim], any device and dtype."""
         self._zero_blocks_through(max(block_ids))
-        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        self._block_view().index_copy_(2, idx, data.to(self.device, self.dtype))
+        idx = to_device(torch.tensor(block_ids, dtype=torch.long), self.device)
+        if self.device.type == "cuda" and data.device.type == "cpu":
+            data = data if data.is_pinned() else data.pin_memory()
+        self._block_view().index_copy_(2, idx, data.to(self.device, self.dtype, non_blocking=True))

@@ -99,7 +99,7 @@ def test_shared_prefix_blocks_are_refcounted():
 
 
 def test_decode_buckets_cut_where_lengths_jump():
-    from workers.model.attention import split_by_length
+    from workers.model.backends.sdpa import split_by_length
 
     assert split_by_length([10] * 5 + [500] * 5) == [5, 10]
     assert split_by_length([5, 6, 7]) == [3], "tiny savings are not worth another call"
