@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tandem.tls import TLSConfig
+from workers.config import EngineConfig
 from workers.kv_transfer import KV_TRANSPORTS
 
 KV_OFFLOAD = ("auto", "on", "off")
@@ -99,6 +100,9 @@ class ClusterConfig:
         if {"model", "tensor_parallel_size", "role"} & set(self.engine):
             raise ValueError("engine: set model, tensor_parallel_size and role through the cluster options, "
                              "not engine options")
+        # Checked here, before Ray starts, as each worker's engine will: a bad option is refused by name at once
+        # instead of failing every worker start.
+        EngineConfig.from_kwargs(**self.engine_options)
 
     @property
     def engine_options(self) -> dict:

@@ -16,6 +16,7 @@ import threading
 
 from tandem import tls
 from tandem.redis_store import StoreConfig
+from workers.config import ATTENTION_BACKENDS
 
 DEFAULT_REGISTRY_PORT = 50100
 # tls.add_server_arguments' options for the client fronts: the router's, not the controller's.
@@ -47,10 +48,24 @@ def add_cluster_arguments(p: argparse.ArgumentParser, redis_help: str, redis_req
                    help="split long prompts across steps (default on); off, max-num-batched-tokens must hold "
                         "the longest prompt")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None,
+                   help="workers' attention kernels: triton (CUDA), sdpa (portable), auto: triton on CUDA, sdpa on CPU")
+    p.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA workers: run every step eagerly, with no CUDA graphs")
+    p.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None,
+                   help="CUDA workers: decode batch sizes captured as CUDA graphs, e.g. 1,2,4,8 (default: 1, 2, 4, "
+                        "8, 16, 24, ... up to max-num-seqs)")
     p.add_argument("--num-cpus-per-worker", type=float, default=1)
     p.add_argument("--num-gpus-per-worker", type=float, default=0)
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads per CPU worker (default: its CPUs)")
     p.add_argument("--log-level", default="INFO")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers such as 1,2,4,8, got {text!r}") from None
 
 
 def cluster_config(args, internal_tls, scheduling_policy: str | None = None, **options):
@@ -61,7 +76,9 @@ def cluster_config(args, internal_tls, scheduling_policy: str | None = None, **o
                       ("max_num_batched_tokens", args.max_num_batched_tokens),
                       ("kv_cache_memory_bytes", args.kv_cache_memory_bytes),
                       ("enable_chunked_prefill", args.enable_chunked_prefill),
-                      ("scheduling_policy", args.scheduling_policy or scheduling_policy))
+                      ("scheduling_policy", args.scheduling_policy or scheduling_policy),
+                      ("attention_backend", args.attention_backend), ("enforce_eager", args.enforce_eager),
+                      ("cudagraph_capture_sizes", args.cudagraph_capture_sizes))
     engine = {k: v for k, v in engine_options if v is not None}
     if args.num_gpus_per_worker:
         engine["device"] = "cuda"

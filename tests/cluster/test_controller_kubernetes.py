@@ -39,12 +39,26 @@ def test_options_build_the_cluster_config():
     assert config.redis_url == "redis://r:6379" and config.engine == {"max_num_seqs": 8}
 
 
+def test_gpu_engine_options_reach_the_engine():
+    args = _parse("--redis-url", "redis://r:6379", "--max-num-seqs", "8", "--attention-backend", "sdpa",
+                  "--enforce-eager", "--cudagraph-capture-sizes", "4,1,2")
+    config = controller_cli.cluster_config(args, None)
+    assert config.engine == {"max_num_seqs": 8, "attention_backend": "sdpa", "enforce_eager": True,
+                             "cudagraph_capture_sizes": [4, 1, 2]}
+
+
 @pytest.mark.parametrize("argv, message", [
     ((), "the following arguments are required: --redis-url"),
     (("--redis-url", "redis://r:6379", "--ssl-certfile", "x.pem"),
      "--ssl-certfile: the controller serves no client front"),
     (("--redis-url", "http://r"), "redis_url"),
     (("--redis-url", "redis://r:6379", "--drain-timeout-s", "-1"), "drain_timeout_s: must be >= 0"),
+    # Engine options are checked before Ray starts, not by every worker's engine.
+    (("--redis-url", "redis://r:6379", "--max-num-seqs", "8", "--cudagraph-capture-sizes", "1,16"),
+     "cudagraph_capture_sizes: must be non-empty, each in [1, max_num_seqs=8]"),
+    (("--redis-url", "redis://r:6379", "--attention-backend", "flash"), "--attention-backend: invalid choice: 'flash'"),
+    (("--redis-url", "redis://r:6379", "--cudagraph-capture-sizes", "1,two"),
+     "--cudagraph-capture-sizes: want comma-separated integers"),
 ])
 def test_bad_options_are_refused_naming_them(argv, message):
     out = tandem("controller", *argv, timeout=60)

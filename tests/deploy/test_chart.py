@@ -22,7 +22,8 @@ STANDARD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.
 
 GPU_TP2 = {"accelerator": {"type": "nvidia"}, "prefill": {"parallelism": {"tensor": 2}, "replicas": 2},
            "decode": {"parallelism": {"tensor": 2}, "replicas": 3, "maxReplicas": 6},
-           "engine": {"maxModelLen": 8192, "maxNumSeqs": 128, "enableChunkedPrefill": False}}
+           "engine": {"maxModelLen": 8192, "maxNumSeqs": 128, "enableChunkedPrefill": False,
+                      "attentionBackend": "triton", "enforceEager": False, "cudagraphCaptureSizes": [1, 2, 4, 8, 128]}}
 EXTERNAL_REDIS = {"redis": {"enabled": False, "url": "rediss://redis.prod.svc:6380/0",
                             "auth": {"existingSecret": "redis-auth", "secretKey": "password"}}}
 AUTOSCALER_ON = {"autoscaler": {"enabled": True, "gpuBudget": 8, "slo": {"ttftSeconds": 1.5, "tpotSeconds": 0.05},
@@ -338,6 +339,8 @@ def test_network_policies():
     ({"prefill": {"shmSize": "lots"}}, "/prefill/shmSize"),
     ({"autoscaler": {"enabled": True, "apiKeySecret": {"name": "k", "key": ""}}}, "/autoscaler/apiKeySecret/key"),
     ({"model": {"path": "/models/$(reboot).gguf"}}, "/model/path"),  # a shell word on the head
+    ({"engine": {"attentionBackend": "flash"}}, "/engine/attentionBackend"),
+    ({"engine": {"cudagraphCaptureSizes": [0, 8]}}, "/engine/cudagraphCaptureSizes"),
 ])
 def test_schema_refuses_wrong_types_and_unknown_keys(values, message):
     with pytest.raises(helm.HelmValuesError) as e:

@@ -68,6 +68,8 @@ def test_controller_command_parses(name, capsys):
     assert args.redis_url.startswith("redis://") and args.kv_transport == "tcp"
     if name in ("nvidia-tp2", "everything"):
         assert args.tensor_parallel_size == 2 and args.num_gpus_per_worker == 1
+        assert args.attention_backend == "triton" and args.cudagraph_capture_sizes == [1, 2, 4, 8, 128]
+        assert args.enforce_eager is None  # false: the flag is left out, CUDA graphs on
 
 
 @pytest.mark.parametrize("name", ["autoscaler-on", "everything"])

@@ -197,6 +197,9 @@ securityContext:
 {{- if not (kindIs "invalid" $e.enableChunkedPrefill) }} {{ ternary "--enable-chunked-prefill" "--no-enable-chunked-prefill" $e.enableChunkedPrefill }}{{ end }}
 {{- if not (kindIs "invalid" $e.kvCacheMemoryBytes) }} --kv-cache-memory-bytes {{ int64 $e.kvCacheMemoryBytes }}{{ end }}
 {{- if not (kindIs "invalid" $e.schedulingPolicy) }} --scheduling-policy {{ $e.schedulingPolicy }}{{ end }}
+{{- if not (kindIs "invalid" $e.attentionBackend) }} --attention-backend {{ $e.attentionBackend }}{{ end }}
+{{- if $e.enforceEager }} --enforce-eager{{ end }}
+{{- with $e.cudagraphCaptureSizes }} --cudagraph-capture-sizes {{ range $i, $n := . }}{{ if $i }},{{ end }}{{ int $n }}{{ end }}{{ end }}
 {{- if not (kindIs "invalid" $e.torchThreads) }} --torch-threads {{ int $e.torchThreads }}{{ end }}
 {{- with (include "tandem.internalTlsArgs" .) }} {{ . }}{{ end }} --log-level {{ $e.logLevel }}
 {{- end -}}
