@@ -50,7 +50,8 @@ def make_payload(request_id: str, kv_bytes: int) -> KVPayload:
     kv = torch.full((NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), FILL, dtype=torch.bfloat16)
     num_tokens = num_blocks * BLOCK_SIZE
     return KVPayload(request_id=request_id, model="bench", block_size=BLOCK_SIZE, dtype="bfloat16", tp_rank=0,
-                     tp_size=1, prompt_token_ids=list(range(num_tokens - 1)), output_token_ids=[7],
+                     tp_size=1, num_kv_heads_total=NUM_KV_HEADS, prompt_token_ids=list(range(num_tokens - 1)),
+                     output_token_ids=[7],
                      num_computed_tokens=num_tokens, num_cached_tokens=0, kv=kv)
 
 

@@ -20,6 +20,7 @@ from workers.kv.block_pool import hash_token_blocks
 from workers.kv.events import KVCacheEvent
 from workers.kv.handoff import KVPayload
 from workers.kv.kv_cache_manager import KVCacheManager
+from workers.kv.reshard import check_shard_set, reshard_kv
 from workers.model.loader import load_model_config, resolve_model
 from workers.model_runner import build_model_input
 from workers.outputs import TokenEvent
@@ -267,8 +268,8 @@ class LLMEngine:
         shards = self.executor.export_blocks(block_ids)
         return [
             KVPayload(req_id, self.model_name, self.block_size, str(self.dtype).removeprefix("torch."), rank,
-                      len(shards), list(req.prompt_token_ids), list(req.output_token_ids), req.num_computed_tokens,
-                      max(req.num_cached_tokens, 0), kv)
+                      len(shards), self.model_config.num_key_value_heads, list(req.prompt_token_ids),
+                      list(req.output_token_ids), req.num_computed_tokens, max(req.num_cached_tokens, 0), kv)
             for rank, kv in enumerate(shards)
         ]
 
@@ -278,17 +279,15 @@ class LLMEngine:
     def import_kv(self, payloads: list[KVPayload] | KVPayload, params: SamplingParams, req_id: str | None = None,
                   priority: int = 0) -> str:
         """Adopt a prefilled request: copy its KV (skipping blocks this engine already caches) and keep
-        decoding from its first token."""
+        decoding from its first token. `payloads`: every rank's shard, in rank order, from a prefill group of any
+        TP size that divides the model's KV heads; they are regrouped to this engine's ranks."""
         payloads = [payloads] if isinstance(payloads, KVPayload) else list(payloads)
-        if len(payloads) != self.executor.tp_size:
-            raise ValueError(f"tp_size: got {len(payloads)} KV payload shards, this engine has tensor_parallel_size="
-                             f"{self.executor.tp_size}; prefill and decode must use the same TP size")
         c = self.model_config
-        for rank, p in enumerate(payloads):
+        for p in payloads:
             p.check_compatible(model=self.model_name, block_size=self.block_size,
-                               dtype=str(self.dtype).removeprefix("torch."), tp_rank=rank, tp_size=self.executor.tp_size,
-                               num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads // self.executor.tp_size,
-                               head_dim=c.head_dim)
+                               dtype=str(self.dtype).removeprefix("torch."), num_layers=c.num_hidden_layers,
+                               num_kv_heads_total=c.num_key_value_heads, head_dim=c.head_dim)
+        check_shard_set(payloads)
         first = payloads[0]
         req = self._make_request(req_id or first.request_id, first.prompt_token_ids, params, priority,
                                  first.output_token_ids)
@@ -301,7 +300,9 @@ class LLMEngine:
         fresh = list(range(len(hits), first.kv.shape[2]))
         self._offload_evicted()
         if fresh:
-            self.executor.import_blocks([block_ids[i] for i in fresh], [p.kv[:, :, fresh[0]:] for p in payloads])
+            # Cut to the fresh blocks first, so a reshard copies only those.
+            per_rank = reshard_kv([p.kv[:, :, fresh[0]:] for p in payloads], self.executor.tp_size)
+            self.executor.import_blocks([block_ids[i] for i in fresh], per_rank)
         req.num_computed_tokens = first.num_computed_tokens
         req.num_cached_tokens = first.num_cached_tokens
         self.kv.cache_blocks(req)

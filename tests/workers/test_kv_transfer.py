@@ -28,13 +28,14 @@ def make_payload(request_id: str, dtype: str = "float32", num_blocks: int = 3, b
     kv = torch.randn(2, 2, num_blocks, block_size, 2, 8, generator=gen).to(getattr(torch, dtype))
     num_tokens = num_blocks * block_size - 1
     return KVPayload(request_id=request_id, model="tiny-llama", block_size=block_size, dtype=dtype, tp_rank=1,
-                     tp_size=2, prompt_token_ids=list(range(100, 100 + num_tokens)), output_token_ids=[2**40 + 7],
+                     tp_size=2, num_kv_heads_total=4, prompt_token_ids=list(range(100, 100 + num_tokens)),
+                     output_token_ids=[2**40 + 7],
                      num_computed_tokens=num_tokens, num_cached_tokens=block_size, kv=kv)
 
 
 def assert_same_payload(got: KVPayload, want: KVPayload) -> None:
-    for field in ("request_id", "model", "block_size", "dtype", "tp_rank", "tp_size", "prompt_token_ids",
-                  "output_token_ids", "num_computed_tokens", "num_cached_tokens"):
+    for field in ("request_id", "model", "block_size", "dtype", "tp_rank", "tp_size", "num_kv_heads_total", "layout",
+                  "prompt_token_ids", "output_token_ids", "num_computed_tokens", "num_cached_tokens"):
         assert getattr(got, field) == getattr(want, field), field
     assert got.kv.device.type == "cpu"
     assert got.kv.dtype == want.kv.dtype and got.kv.shape == want.kv.shape

@@ -22,13 +22,13 @@ import time
 import numpy as np
 import torch
 
-from workers.kv.handoff import KVPayload
+from workers.kv.handoff import KV_LAYOUT, KVPayload
 
 _FRAME_LEN = struct.Struct("!I")
 MAX_FRAME_BYTES = 16 << 20  # a header is small; anything bigger is a stray client or a corrupt stream
 _TOKEN_DTYPE = np.dtype("<i8")
 _METADATA_FIELDS = ("request_id", "model", "block_size", "dtype", "tp_rank", "tp_size", "num_computed_tokens",
-                    "num_cached_tokens")
+                    "num_cached_tokens", "layout", "num_kv_heads_total")
 
 
 class PeerClosed(ConnectionError):
@@ -120,6 +120,8 @@ def payload_from_header(header: dict, token_bytes: bytes | bytearray, kv_bytes: 
     token_ids = np.frombuffer(token_bytes, dtype=_TOKEN_DTYPE).tolist()
     num_prompt = header["num_prompt_tokens"]
     kv = kv_bytes.view(kv_dtype(header)).view(header["kv_shape"])
+    # Senders from before the layout header had only the one layout, each rank holding an equal share of the heads.
+    header = {"layout": KV_LAYOUT, "num_kv_heads_total": header["kv_shape"][4] * header["tp_size"], **header}
     return KVPayload(
         **{name: header[name] for name in _METADATA_FIELDS},
         prompt_token_ids=token_ids[:num_prompt],
