@@ -66,6 +66,16 @@ def slots_of(span: SeqSpan, block_size: int, start: int, end: int) -> torch.Tens
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def step_slots(spans: list[SeqSpan], block_size: int) -> tuple[torch.Tensor, list[int]]:
+    """The step's slot_mapping [num_tokens] int64, in step order, and where each span's tokens start in it."""
+    slot_mapping = torch.cat([slots_of(s, block_size, s.context_len, s.context_len + s.query_len) for s in spans])
+    starts, offset = [], 0
+    for s in spans:
+        starts.append(offset)
+        offset += s.query_len
+    return slot_mapping, starts
+
+
 def decode_tensors(spans: list[SeqSpan], block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host tensors of a decode-only batch: slot_mapping [B] int64, block_tables [B, max_blocks] int32 (padded
     with block 0), seq_lens [B] int32."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.model.backends.base import DecodeMetadata, SeqSpan, slots_of, to_device
+from workers.model.backends.base import DecodeMetadata, SeqSpan, step_slots, to_device
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,7 @@ class TorchSDPABackend:
     name = "sdpa"
 
     def build_metadata(self, spans: list[SeqSpan], block_size: int, device: torch.device) -> SDPAMetadata:
-        slot_mapping = torch.cat([slots_of(s, block_size, s.context_len, s.context_len + s.query_len) for s in spans])
-        starts, offset = [], 0
-        for s in spans:
-            starts.append(offset)
-            offset += s.query_len
+        slot_mapping, starts = step_slots(spans, block_size)
         decodes = sorted((i for i, s in enumerate(spans) if s.query_len == 1), key=lambda i: spans[i].context_len)
         prefills = [i for i, s in enumerate(spans) if s.query_len > 1]
         groups = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.model.backends import triton_kernels as kernels
-from workers.model.backends.base import DecodeMetadata, SeqSpan, decode_tensors, slots_of, to_device
+from workers.model.backends.base import DecodeMetadata, SeqSpan, decode_tensors, step_slots, to_device
 from workers.model.backends.sdpa import AttentionGroup, TorchSDPABackend, attend, group_to, scatter_group
 
 
@@ -35,11 +35,7 @@ class TritonAttentionBackend:
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
     def build_metadata(self, spans: list[SeqSpan], block_size: int, device: torch.device) -> TritonMetadata:
-        slot_mapping = torch.cat([slots_of(s, block_size, s.context_len, s.context_len + s.query_len) for s in spans])
-        starts, offset = [], 0
-        for s in spans:
-            starts.append(offset)
-            offset += s.query_len
+        slot_mapping, starts = step_slots(spans, block_size)
         decodes = [i for i, s in enumerate(spans) if s.query_len == 1]
         prefills = [i for i, s in enumerate(spans) if s.query_len > 1]
         decode = decode_index = prefill = None
