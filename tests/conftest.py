@@ -1,11 +1,17 @@
 """Shared fixtures: the default GGUF, its Hugging Face reference model, and tiny random safetensors checkpoints."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels' tests run in Triton's interpreter, which must be on before anything imports triton (the
+    # tiny checkpoints' transformers models do): workers/model/backends/triton_kernels.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from workers.model.loader import find_default_model
 

@@ -3,6 +3,9 @@ and the Triton backend (kernels in Triton's interpreter) gives the SDPA backend'
 engine: mixed prefill + decode steps, chunked prefill, prefix-cache hits and preemption-free batching.
 """
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +49,17 @@ def test_triton_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else object())
     with pytest.raises(ValueError, match="attention_backend: 'triton' needs the triton package"):
         resolve_attention_backend("triton", torch.device("cpu"))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
+def test_triton_on_cpu_imported_without_the_interpreter_is_a_clear_error():
+    code = ("import torch, triton\n"
+            "from workers.model.backends import resolve_attention_backend\n"
+            "resolve_attention_backend('triton', torch.device('cpu'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1
+    assert "ValueError: attention_backend: 'triton' without CUDA runs Triton's interpreter" in out.stderr, out.stderr
 
 
 def _generate(folder, backend, **options):

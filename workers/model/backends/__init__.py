@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import torch
 
@@ -20,7 +21,17 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     if name == "triton" and importlib.util.find_spec("triton") is None:
         raise ValueError("attention_backend: 'triton' needs the triton package (it ships with CUDA builds of torch; "
                          "pip install triton for CPU tests), which is not installed")
+    if name == "triton" and device.type != "cuda" and "triton" in sys.modules and not _interpreting():
+        raise ValueError("attention_backend: 'triton' without CUDA runs Triton's interpreter, which must be on before "
+                         "triton is first imported (transformers' model classes import it): set TRITON_INTERPRET=1 "
+                         "in the environment, or use 'sdpa'")
     return name
+
+
+def _interpreting() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
 
 
 def make_attention_backend(name: str, device: torch.device):
