@@ -49,7 +49,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser, redis_help: str, redis_req
                         "the longest prompt")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=None,
-                   help="workers' attention kernels: triton (CUDA), sdpa (portable), auto: triton on CUDA, sdpa on CPU")
+                   help="workers' attention kernels: triton (CUDA; on CPU only in Triton's interpreter, for tests), sdpa "
+                        "(portable), auto (default): triton on CUDA, sdpa on CPU")
     p.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA workers: run every step eagerly, with no CUDA graphs")
     p.add_argument("--cudagraph-capture-sizes", type=_int_list, default=None,

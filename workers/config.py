@@ -1,6 +1,7 @@
 """Engine configuration: one frozen record per component, composed into EngineConfig."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 ROLES = ("both", "prefill", "decode")
@@ -87,6 +88,11 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend: must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
+        # Only looked up, not imported: without CUDA the interpreter must be switched on before triton is imported
+        # (workers/model/backends/triton_kernels.py).
+        if self.attention_backend == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError("attention_backend: 'triton' needs the triton package (CUDA builds of torch ship it; "
+                             "pip install triton for CPU tests), which is not installed; use 'auto' or 'sdpa'")
         if not isinstance(self.enforce_eager, bool):
             raise ValueError(f"enforce_eager: must be true or false, got {self.enforce_eager!r}")
         if self.cudagraph_capture_sizes is not None:

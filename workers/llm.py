@@ -18,7 +18,9 @@ class LLM:
 
     Engine options use vLLM's names: dtype, device, max_model_len, tensor_parallel_size, block_size,
     kv_cache_memory_bytes, gpu_memory_utilization, enable_prefix_caching, max_num_batched_tokens,
-    max_num_seqs, enable_chunked_prefill, scheduling_policy, role, seed, load_format.
+    max_num_seqs, enable_chunked_prefill, scheduling_policy, role, seed, load_format; and for GPUs
+    attention_backend ("auto": triton on CUDA, sdpa on CPU), enforce_eager (no CUDA graphs) and
+    cudagraph_capture_sizes (decode batch sizes captured as graphs; default 1, 2, 4, 8, 16, ... max_num_seqs).
     """
 
     def __init__(self, model: str | None = None, **engine_options):

@@ -362,6 +362,11 @@ def test_schema_refuses_wrong_types_and_unknown_keys(values, message):
      "router.podDisruptionBudget.minAvailable: must be below router.replicas (2), got 2"),
     ({"accelerator": {"type": "nvidia"}, "autoscaler": {"enabled": True, "gpuBudget": 1}},
      "autoscaler.gpuBudget: the pools' minReplicas need 2 GPUs, got 1"),
+    ({"engine": {"attentionBackend": "triton"}}, "engine.attentionBackend: triton needs accelerator.type=nvidia"),
+    ({"engine": {"cudagraphCaptureSizes": [1, 128]}},
+     "engine.cudagraphCaptureSizes: each must be at most engine.maxNumSeqs (64; 64 when null), got 128"),
+    ({"accelerator": {"type": "nvidia"}, "engine": {"maxNumSeqs": 4, "cudagraphCaptureSizes": [8]}},
+     "engine.cudagraphCaptureSizes: each must be at most engine.maxNumSeqs (4; 64 when null), got 8"),
 ])
 def test_inconsistent_values_fail_with_a_message(values, message):
     with pytest.raises(helm.HelmRenderError) as e:

@@ -85,6 +85,18 @@ securityContext:
 {{- if ne (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor) -}}
 {{- fail (printf "prefill.parallelism.tensor and decode.parallelism.tensor: must be equal (the KV hand-off needs the same TP layout), got %d and %d" (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor)) -}}
 {{- end -}}
+{{- $e := .Values.engine -}}
+{{- if and (eq (toString $e.attentionBackend) "triton") (ne .Values.accelerator.type "nvidia") -}}
+{{- fail (printf "engine.attentionBackend: triton needs accelerator.type=nvidia (the CPU image has no triton), got accelerator.type=%s; use auto or sdpa" .Values.accelerator.type) -}}
+{{- end -}}
+{{- with $e.cudagraphCaptureSizes -}}
+{{- $maxSeqs := ternary 64 (int $e.maxNumSeqs) (kindIs "invalid" $e.maxNumSeqs) -}}
+{{- range . -}}
+{{- if gt (int .) $maxSeqs -}}
+{{- fail (printf "engine.cudagraphCaptureSizes: each must be at most engine.maxNumSeqs (%d; 64 when null), got %d" $maxSeqs (int .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not .Values.redis.enabled) (not .Values.redis.url) -}}
 {{- fail "redis: tandem needs a Redis: set redis.enabled=true (bundled) or redis.url (external)" -}}
 {{- end -}}
