@@ -15,7 +15,7 @@ import torch
 
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
-from workers.executor import Executor, MultiprocTPExecutor
+from workers.executor import Executor, MultiprocTPExecutor, TPDriverExecutor
 from workers.kv.block_pool import hash_token_blocks
 from workers.kv.events import KVCacheEvent
 from workers.kv.handoff import KVPayload
@@ -53,7 +53,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp_init_method: str | None = None):
+        """`tp_init_method`: with tensor_parallel_size > 1, ranks 1..N-1 were started elsewhere (the cluster's Ray
+        actors, cluster/tp_ranks.py) and meet this rank 0 at this address (tcp://host:port); None: spawn them here."""
         self.config = config
         self.source = resolve_model(config.model, config.load_format)
         self.model_config = load_model_config(self.source)
@@ -65,8 +67,12 @@ class LLMEngine:
         for what in ("num_attention_heads", "num_key_value_heads"):
             shard_range(getattr(self.model_config, what), 0, config.tensor_parallel_size, what)
         self.tokenizer = load_tokenizer(self.source)
-        executor_cls = MultiprocTPExecutor if config.tensor_parallel_size > 1 else Executor
-        self.executor = executor_cls(config, self.model_config, self.source, self.max_model_len)
+        if config.tensor_parallel_size == 1:
+            self.executor = Executor(config, self.model_config, self.source, self.max_model_len)
+        elif tp_init_method is None:
+            self.executor = MultiprocTPExecutor(config, self.model_config, self.source, self.max_model_len)
+        else:
+            self.executor = TPDriverExecutor(config, self.model_config, self.source, self.max_model_len, tp_init_method)
         runner = self.executor.runner
         self.dtype = runner.dtype
         self.device = runner.device

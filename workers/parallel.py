@@ -6,6 +6,7 @@ no group at all and the collectives below are no-ops, so single-process runs nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,12 +60,20 @@ class TPGroup:
         return box[0]
 
 
-def init_tp_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
-    """Join the world of `size` ranks; the TP group is the whole world (one engine per world)."""
+# How long joining the group, and any one collective, may wait for the other ranks. Rank 0 sends a keep-alive
+# command when idle (workers/executor.py), so only a dead or stuck peer makes a collective wait this long.
+TP_TIMEOUT_S = 300.0
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device,
+                  timeout_s: float = TP_TIMEOUT_S) -> TPGroup:
+    """Join the world of `size` ranks; the TP group is the whole world (one engine per world). Joining and every
+    collective raise after `timeout_s` instead of waiting forever for a rank that is gone."""
     if size == 1:
         return TPGroup()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s))
     return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
 
 

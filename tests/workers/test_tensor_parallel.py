@@ -68,3 +68,27 @@ def test_tp_engine_works_after_a_rejected_tp_size(tiny_checkpoint):
     with LLM(str(tiny_checkpoint("llama")), tensor_parallel_size=2) as tp2:
         (out,) = tp2.generate([PROMPTS[2]], GREEDY)
     assert len(out.token_ids) == GREEDY.max_tokens
+
+
+def test_idle_group_stays_up_and_a_dead_rank_is_an_error_not_a_hang(tiny_checkpoint, monkeypatch):
+    """Rank 0 keeps an idle group alive with no-op commands (collectives have a bounded timeout); a rank that dies
+    while idle turns the next call into an error at once instead of a collective that waits for it."""
+    import time
+
+    from workers.executor import MultiprocTPExecutor
+
+    monkeypatch.setattr(MultiprocTPExecutor, "keepalive_s", 0.4)
+    with LLM(str(tiny_checkpoint("llama")), tensor_parallel_size=2) as tp2:
+        (before,) = tp2.generate([PROMPTS[0]], GREEDY)
+        time.sleep(1.5)  # a few keep-alives go out
+        (after,) = tp2.generate([PROMPTS[0]], GREEDY)
+        assert after.token_ids == before.token_ids
+        executor = tp2.engine.executor
+        executor.procs[0].kill()
+        executor.procs[0].join(10)
+        deadline = time.monotonic() + 30
+        while executor.error is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert executor.error is not None
+        with pytest.raises(RuntimeError, match="tensor-parallel group failed"):
+            tp2.generate([PROMPTS[0]], GREEDY)
