@@ -80,6 +80,9 @@ class WorkerConfig:
     kv_offload: bool = False
     kv_offload_ttl_s: float = 600.0
     kv_offload_max_bytes: int = 512 << 20
+    # engine tensor_parallel_size > 1 with ranks 1..N-1 started by the cluster (cluster/tp_ranks.py): where they meet
+    # this worker's rank 0 (tcp://host:port). None: the engine spawns them itself.
+    tp_init_method: str | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -271,7 +274,7 @@ class WorkerServer:
         options["role"] = config.role
         if config.redis_url:
             options.setdefault("enable_kv_cache_events", True)
-        self.engine = LLMEngine(EngineConfig.from_kwargs(**options))
+        self.engine = LLMEngine(EngineConfig.from_kwargs(**options), tp_init_method=config.tp_init_method)
         # The routers' global prefix index is fed from these (workers/kv_events/).
         self.kv_events = KVEventPublisher(
             config.redis_url, self.engine.model_name, self.worker_id, self.engine.block_size,
@@ -287,7 +290,7 @@ class WorkerServer:
             self.engine.set_kv_offload(self.kv_tier.offer)
         self.loop = EngineLoop(self.engine, config.kv_lease_s, config.torch_threads)
         self.loop.on_prefilled = self._stage_kv
-        self.loop.withdraw = self.transport.withdraw
+        self.loop.withdraw = self._withdraw
         if self.kv_events is not None:
             self.loop.on_kv_events = self.kv_events.publish
         self.transport.on_fetched = self._on_fetched
@@ -398,25 +401,43 @@ class WorkerServer:
     # --- KV hand-off ----------------------------------------------------------------------------------
 
     def _stage_kv(self, req_id: str) -> tuple[str, int] | None:
-        """Engine thread, right after a prefill-role request's first token."""
+        """Engine thread, right after a prefill-role request's first token. Rank 0 gathered every TP rank's shard
+        (export_kv); all of them are staged on this worker's transport, shard r under shard_transfer_id(tid, r, n)."""
         start = time.perf_counter()
         payloads = self.engine.export_kv(req_id)
-        if len(payloads) != 1:
-            raise NotImplementedError("KV hand-off from a TP group needs one transport per rank")
         transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
-        self.transport.offer(transfer_id, payloads[0])
+        for rank, payload in enumerate(payloads):
+            self.transport.offer(shard_transfer_id(transfer_id, rank, len(payloads)), payload)
         self.metrics.record_stage(time.perf_counter() - start, self.transport.name)
-        return transfer_id, payloads[0].num_bytes
+        return transfer_id, sum(p.num_bytes for p in payloads)
 
-    def _on_fetched(self, transfer_id: str) -> None:
-        """Transport thread: the decode side confirmed the transfer; free the blocks."""
-        self.loop.call(lambda engine: self.loop.release_lease(transfer_id))
+    def _withdraw(self, transfer_id: str) -> None:
+        n = self.engine.executor.tp_size
+        for rank in range(n):
+            self.transport.withdraw(shard_transfer_id(transfer_id, rank, n))
+
+    def _on_fetched(self, shard_id: str) -> None:
+        """Transport thread: the decode side confirmed a shard; free the blocks once it has the last one (it
+        fetches them in rank order)."""
+        transfer_id, rank = _split_shard_id(shard_id)
+        if rank == self.engine.executor.tp_size - 1:
+            self.loop.call(lambda engine: self.loop.release_lease(transfer_id))
 
     def stats(self) -> wpb.WorkerStats:
         return wpb.WorkerStats(
             info=self.info, **self.loop.snapshot, kv_transfers=self.kv_transfers, kv_transfer_bytes=self.kv_transfer_bytes,
             kv_transfer_seconds=self.kv_transfer_seconds, kv_leases_expired=self.loop.num_leases_expired,
         )
+
+
+def shard_transfer_id(transfer_id: str, rank: int, num_shards: int) -> str:
+    """The transport id of one TP rank's KV shard of a hand-off (the transfer id itself with a single shard)."""
+    return transfer_id if num_shards == 1 else f"{transfer_id}#{rank}"
+
+
+def _split_shard_id(shard_id: str) -> tuple[str, int]:
+    transfer_id, sep, rank = shard_id.rpartition("#")
+    return (transfer_id, int(rank)) if sep else (shard_id, 0)
 
 
 class _RequestStream:
@@ -587,10 +608,11 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 # spares a wait for the engine's next step on every prefill's path to the first token.
                 tid = self.loop.lease_of(req.request_id)
                 lease = self.loop.leases.get(tid) if tid else None
+                tp_size = self.w.engine.executor.tp_size  # rank 0 staged every rank's shard
                 if lease is None:
                     await context.abort(grpc.StatusCode.INTERNAL, f"request_id: {req.request_id!r}: KV was not staged")
                 resp.kv.CopyFrom(wpb.KVHandle(
-                    transfer_id=tid, transport=self.w.transport.name, endpoints=[self.w._kv_endpoint], tp_size=1,
+                    transfer_id=tid, transport=self.w.transport.name, endpoints=[self.w._kv_endpoint] * tp_size, tp_size=tp_size,
                     num_blocks=-(-len(req.prompt_token_ids) // self.w.engine.block_size), num_bytes=lease.num_bytes,
                     source_worker_id=self.w.worker_id,
                 ))
@@ -622,14 +644,16 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                     params = self._params(req)
                 except ValueError as e:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                payload, seconds = await self._fetch(request.kv, context, spans)
+                payloads, seconds = await self._fetch(request.kv, context, spans)
+                payload = payloads[0]
                 first.kv_transfer_ms = seconds * 1000.0
-                first.kv_transfer_bytes = payload.num_bytes
+                first.kv_transfer_bytes = sum(p.num_bytes for p in payloads)
                 self.loop.listen(req_id, stream)
 
                 def adopt(engine):
                     try:
-                        return engine.import_kv(payload, params, req_id, req.priority)
+                        # Regrouped to this worker's TP size when the prefill group's differs.
+                        return engine.import_kv(payloads, params, req_id, req.priority)
                     except RuntimeError:
                         # No free blocks right now: queue it as a local prefill from the prompt and the first
                         # token instead; the scheduler runs it once blocks free up.
@@ -688,8 +712,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         start = time.monotonic()
         error = None
         try:
-            payload, seconds = await self._pull(handle, context)
-            return payload, seconds
+            return await self._pull(handle, context)
         except BaseException as e:
             error = _error_of(e, context)
             raise
@@ -700,26 +723,32 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         if handle.transport != self.w.transport.name:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"kv: transport {handle.transport!r} does not match this worker's {self.w.transport.name!r}")
-        if handle.tp_size != self.w.engine.executor.tp_size:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"kv: tp_size: prefill has {handle.tp_size}, decode has {self.w.engine.executor.tp_size}; "
-                                "prefill and decode pools must use the same tensor_parallel_size")
+        num_shards = max(handle.tp_size, 1)
+        if len(handle.endpoints) != num_shards:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kv: endpoints: one per TP rank ({num_shards}), got {len(handle.endpoints)}")
         timeout = self.w.config.kv_fetch_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = min(timeout, remaining)
         start = time.perf_counter()
+        payloads = []
         try:
-            payload = await asyncio.get_running_loop().run_in_executor(
-                self.w._fetch_pool, self.w.transport.fetch, handle.endpoints[0], handle.transfer_id, timeout)
+            # In rank order: the prefill worker frees the blocks when the last shard is acknowledged.
+            for rank, endpoint in enumerate(handle.endpoints):
+                left = timeout - (time.perf_counter() - start)
+                payloads.append(await asyncio.get_running_loop().run_in_executor(
+                    self.w._fetch_pool, self.w.transport.fetch, endpoint,
+                    shard_transfer_id(handle.transfer_id, rank, num_shards), left))
         except KVTransferError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: {e}")
         seconds = time.perf_counter() - start
+        num_bytes = sum(p.num_bytes for p in payloads)
         self.w.kv_transfers += 1
-        self.w.kv_transfer_bytes += payload.num_bytes
+        self.w.kv_transfer_bytes += num_bytes
         self.w.kv_transfer_seconds += seconds
         self.w.metrics.record_fetch(seconds, self.w.transport.name)
-        return payload, seconds
+        return payloads, seconds
 
     async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortResponse:
         n = 0
