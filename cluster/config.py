@@ -20,8 +20,8 @@ class ClusterConfig:
     num_prefill_workers: int = 1
     num_decode_workers: int = 1
     num_colocated_workers: int = 1
-    # Ranks per worker, one Ray actor per device in a STRICT_PACK placement group. Prefill and decode must
-    # agree: KV moves rank i to rank i.
+    # Ranks per worker, one Ray actor per device in a STRICT_PACK placement group (cluster/tp_ranks.py). Prefill
+    # and decode may differ: the decode worker regroups the prefill group's KV shards for its own size.
     prefill_tensor_parallel_size: int = 1
     decode_tensor_parallel_size: int = 1
     # LLMEngine options for every worker (EngineConfig.from_kwargs names).
@@ -81,17 +81,6 @@ class ClusterConfig:
         for name in ("prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.mode == "disaggregated" and self.prefill_tensor_parallel_size != self.decode_tensor_parallel_size:
-            raise ValueError(
-                f"decode_tensor_parallel_size: must equal prefill_tensor_parallel_size "
-                f"({self.prefill_tensor_parallel_size}) for now, got {self.decode_tensor_parallel_size}: KV moves from "
-                "prefill rank i to decode rank i"
-            )
-        for name in ("prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
-            if getattr(self, name) != 1:
-                # The engine runs TP > 1 offline (LLM(tensor_parallel_size=N)); in the cluster, ranks as Ray actors
-                # with per-rank KV transfer are not built yet.
-                raise ValueError(f"{name}: the cluster runs only 1 for now (TP > 1 works offline), got {getattr(self, name)}")
         if self.max_workers_per_pool is not None and self.max_workers_per_pool < max(n for _, n, _ in self.pools()):
             raise ValueError(f"max_workers_per_pool: must be >= every pool's initial size, got "
                              f"{self.max_workers_per_pool}")

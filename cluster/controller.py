@@ -3,7 +3,8 @@ replaces dead workers.
 
 Each worker is a Ray actor in its own STRICT_PACK placement group (one bundle per TP rank). The actor runs a
 WorkerServer (engine loop + gRPC Worker service + KV transport) and reports where it listens; routers find it
-through the registry and talk to it over gRPC, never through Ray.
+through the registry and talk to it over gRPC, never through Ray. With TP > 1 it is rank 0, and ranks 1..N-1 are
+TPRankActors in the other bundles (cluster/tp_ranks.py); any rank that dies takes the whole worker with it.
 
 Pool sizes can change while it runs (`scale_pool`, the autoscaler's actuator): new workers start in the
 background; a worker that leaves drains first: the registry marks it draining (routers send it no new request),
@@ -31,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.config import ClusterConfig
 from cluster.pools import PoolReplicas
 from cluster.registry import NotResizable, WorkerRegistry
+from cluster.tp_ranks import TPRankActor, rendezvous_address
 from tandem import tls
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
@@ -47,9 +49,13 @@ class WorkerActor:
         self.config = config
         self.server: WorkerServer | None = None
 
-    def start(self) -> bytes:
+    def rendezvous(self) -> str:
+        """TP > 1: where this rank 0 and the TPRankActors meet (a free port on this node)."""
+        return rendezvous_address(self.config.host or get_node_ip_address())
+
+    def start(self, tp_init_method: str | None = None) -> bytes:
         host = self.config.host or get_node_ip_address()
-        self.server = WorkerServer(dataclasses.replace(self.config, host=host))
+        self.server = WorkerServer(dataclasses.replace(self.config, host=host, tp_init_method=tp_init_method))
         return self.server.start().SerializeToString()
 
     def ping(self) -> bool:
@@ -66,6 +72,7 @@ class WorkerActor:
 
 
 _RemoteWorker = ray.remote(max_restarts=0, max_concurrency=4)(WorkerActor)
+_RemoteRank = ray.remote(max_restarts=0)(TPRankActor)
 
 
 @dataclass
@@ -80,6 +87,8 @@ class _Worker:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     node_id: str | None = None  # the Ray node its placement group landed on, once known (follow_nodes)
+    ranks: list = field(default_factory=list)  # TP > 1: the TPRankActors of ranks 1..N-1
+    rank_refs: list = field(default_factory=list)  # their run() calls, which end only with the group
 
 
 class Controller:
@@ -169,10 +178,12 @@ class Controller:
         if cfg.pool_resources:
             bundles[0][pool_resource(role)] = 1
         pg = placement_group(bundles, strategy="STRICT_PACK", name=f"tandem-{worker_id}")
+        engine = cfg.engine_options if tp == 1 else {**cfg.engine_options, "tensor_parallel_size": tp}
+        torch_threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank))
         wcfg = WorkerConfig(
-            role=role, engine=cfg.engine_options, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
+            role=role, engine=engine, host=cfg.host or ("127.0.0.1" if cfg.ray_address is None else ""),
             worker_id=worker_id, kv_transport=cfg.resolved_kv_transport, kv_lease_s=cfg.kv_lease_s,
-            torch_threads=cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank)), internal_tls=cfg.internal_tls,
+            torch_threads=torch_threads, internal_tls=cfg.internal_tls,
             redis_url=cfg.redis_url, kv_offload=cfg.resolved_kv_offload,
         )
         actor = _RemoteWorker.options(
@@ -180,13 +191,29 @@ class Controller:
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
         ).remote(wcfg)
         w = _Worker(worker_id, role, tp, pg, actor)
-        w.start_ref = actor.start.remote()
+        if tp == 1:
+            w.start_ref = actor.start.remote()
+        else:
+            # One ObjectRef for the address: Ray hands its value to rank 0 and every rank, nobody waits here.
+            address = actor.rendezvous.remote()
+            w.ranks = [_RemoteRank.options(
+                num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, name=f"tandem-{worker_id}-tp{rank}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+            ).remote(engine, rank, tp, torch_threads) for rank in range(1, tp)]
+            w.rank_refs = [r.run.remote(address) for r in w.ranks]
+            w.start_ref = actor.start.remote(address)
         with self._lock:
             self._workers[worker_id] = w
         return w
 
     def _await_ready(self, w: _Worker) -> None:
         try:
+            if w.rank_refs:  # a rank that fails to start fails the worker now, not at rank 0's collective timeout
+                done, _ = ray.wait([w.start_ref, *w.rank_refs], num_returns=1,
+                                   timeout=self.config.worker_start_timeout_s)
+                if done and w.start_ref not in done:
+                    ray.get(done[0])  # raises the rank's failure
+                    raise RuntimeError(f"worker {w.worker_id}: a TP rank ended while the worker started")
             info = wpb.WorkerInfo.FromString(ray.get(w.start_ref, timeout=self.config.worker_start_timeout_s))
         except Exception:
             if w.draining:  # stopped by a scale-down while it started: not a failure
@@ -207,10 +234,11 @@ class Controller:
 
     @staticmethod
     def _destroy(w: _Worker) -> None:
-        try:
-            ray.kill(w.actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        for actor in (w.actor, *w.ranks):
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         try:
             remove_placement_group(w.pg)
         except Exception:  # noqa: BLE001
@@ -234,6 +262,9 @@ class Controller:
                     return
                 try:
                     ray.get(ref, timeout=cfg.health_check_timeout_s)
+                    if not _ranks_alive(w):
+                        log.warning("worker %s (%s): a TP rank is gone; replacing the whole worker", worker_id, w.role)
+                        self._forget(w)
                     continue
                 except (RayActorError, GetTimeoutError, RuntimeError) as e:
                     log.warning("worker %s (%s) is unhealthy (%s); replacing it", worker_id, w.role, type(e).__name__)
@@ -448,6 +479,14 @@ class Controller:
             with tls.channel(info.address, self.config.internal_tls) as channel:
                 stats.append(worker_pb2_grpc.WorkerStub(channel).GetStats(wpb.GetStatsRequest(), timeout=timeout_s))
         return stats
+
+
+def _ranks_alive(w: _Worker) -> bool:
+    """Whether every TP rank of `w` still runs: their run() calls end only with the group (or with the rank)."""
+    if not w.rank_refs:
+        return True
+    done, _ = ray.wait(w.rank_refs, num_returns=len(w.rank_refs), timeout=0)
+    return not done
 
 
 def _draining(info: wpb.WorkerInfo) -> wpb.WorkerInfo:

@@ -78,8 +78,11 @@ class ModelRunner:
         self.tp = tp
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and tp.size > 1:
-            torch.cuda.set_device(tp.rank)
-            self.device = torch.device("cuda", tp.rank)
+            # One device per rank: cuda:rank when the ranks share a process tree that sees every device (the
+            # offline engine's spawned ranks), cuda:0 when each sees only its own (Ray actors, one GPU each).
+            index = tp.rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             tune_glibc_malloc()

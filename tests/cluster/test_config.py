@@ -10,8 +10,8 @@ from cluster.config import ClusterConfig
     (dict(mode="pipelined"), "mode"),
     (dict(kv_transport="rdma"), "kv_transport"),
     (dict(num_decode_workers=-1), "num_decode_workers"),
-    (dict(prefill_tensor_parallel_size=2), "decode_tensor_parallel_size"),
-    (dict(prefill_tensor_parallel_size=2, decode_tensor_parallel_size=2), "prefill_tensor_parallel_size"),
+    (dict(prefill_tensor_parallel_size=0), "prefill_tensor_parallel_size"),
+    (dict(decode_tensor_parallel_size=0), "decode_tensor_parallel_size"),
     (dict(engine={"role": "decode"}), "engine"),
     (dict(engine={"model": "x.gguf"}), "engine"),
     (dict(kv_offload="yes"), "kv_offload"),
@@ -23,6 +23,9 @@ def test_bad_config_names_the_field(kwargs, field):
 
 def test_pools_and_transport():
     assert ClusterConfig().pools() == [("prefill", 1, 1), ("decode", 1, 1)]
+    # TP sizes per pool, and they may differ: the decode side reshards the prefill group's KV.
+    assert ClusterConfig(prefill_tensor_parallel_size=2, decode_tensor_parallel_size=1).pools() == [
+        ("prefill", 1, 2), ("decode", 1, 1)]
     assert ClusterConfig(mode="colocated", num_colocated_workers=2).pools() == [("both", 2, 1)]
     assert ClusterConfig(model="m.gguf", engine={"max_num_seqs": 8}).engine_options == {"max_num_seqs": 8, "model": "m.gguf"}
     assert ClusterConfig(engine={"max_num_seqs": 8}).engine_options == {"max_num_seqs": 8}
