@@ -78,13 +78,19 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     autoscaler_cli.add_planner_arguments(p, gpus_per_worker=False)
 
 
+def _max_tp_size(args) -> int:
+    """The larger pool's TP size: the planner counts one GPU budget per worker."""
+    sizes = (args.prefill_tensor_parallel_size, args.decode_tensor_parallel_size)
+    return max(args.tensor_parallel_size if n is None else n for n in sizes)
+
+
 def _autoscale_config(args):
     """(PlannerConfig, the most workers a pool may reach) for --autoscale, or (None, None). ValueError naming the
     option."""
     if not args.autoscale:
         return None, None
     planner = autoscaler_cli.planner_config_from_args(
-        args, mode=args.mode, gpus_per_worker=int(args.num_gpus_per_worker * args.tensor_parallel_size))
+        args, mode=args.mode, gpus_per_worker=int(args.num_gpus_per_worker * _max_tp_size(args)))
     initial = {"both": args.workers} if args.mode == "colocated" else {"prefill": args.prefill_workers,
                                                                        "decode": args.decode_workers}
     for role, limits in planner.pools.items():

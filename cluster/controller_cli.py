@@ -30,7 +30,10 @@ def add_cluster_arguments(p: argparse.ArgumentParser, redis_help: str, redis_req
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="number of 'both' workers in colocated mode")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks per worker (one Ray actor each), both pools")
+    p.add_argument("--prefill-tensor-parallel-size", type=int, default=None, help="the prefill pool's, if it differs")
+    p.add_argument("--decode-tensor-parallel-size", type=int, default=None,
+                   help="the decode (or colocated) pool's, if it differs")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
     p.add_argument("--kv-transport", default="auto",
                    help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
@@ -69,6 +72,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"want comma-separated integers such as 1,2,4,8, got {text!r}") from None
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def cluster_config(args, internal_tls, scheduling_policy: str | None = None, **options):
     """The ClusterConfig the options describe (ValueError naming a bad one); `options` add ClusterConfig fields."""
     from cluster.config import ClusterConfig  # imports ray: only for the commands that run a cluster
@@ -86,7 +93,8 @@ def cluster_config(args, internal_tls, scheduling_policy: str | None = None, **o
     return ClusterConfig(
         model=args.model, mode=args.mode, num_prefill_workers=args.prefill_workers,
         num_decode_workers=args.decode_workers, num_colocated_workers=args.workers,
-        prefill_tensor_parallel_size=args.tensor_parallel_size, decode_tensor_parallel_size=args.tensor_parallel_size,
+        prefill_tensor_parallel_size=_or(args.prefill_tensor_parallel_size, args.tensor_parallel_size),
+        decode_tensor_parallel_size=_or(args.decode_tensor_parallel_size, args.tensor_parallel_size),
         engine=engine, kv_transport=args.kv_transport, ray_address=args.ray_address,
         num_cpus_per_rank=args.num_cpus_per_worker, num_gpus_per_rank=args.num_gpus_per_worker,
         torch_threads=args.torch_threads, internal_tls=internal_tls, redis_url=args.redis_url,

@@ -39,6 +39,19 @@ def test_options_build_the_cluster_config():
     assert config.redis_url == "redis://r:6379" and config.engine == {"max_num_seqs": 8}
 
 
+def test_tensor_parallel_sizes_per_pool():
+    def sizes(*argv):
+        config = controller_cli.cluster_config(_parse("--redis-url", "redis://r:6379", *argv), None)
+        return config.prefill_tensor_parallel_size, config.decode_tensor_parallel_size
+
+    assert sizes() == (1, 1)
+    assert sizes("--tensor-parallel-size", "2") == (2, 2)
+    assert sizes("--tensor-parallel-size", "2", "--decode-tensor-parallel-size", "1") == (2, 1)
+    assert sizes("--prefill-tensor-parallel-size", "1", "--decode-tensor-parallel-size", "2") == (1, 2)
+    with pytest.raises(ValueError, match="^prefill_tensor_parallel_size: must be >= 1"):
+        sizes("--prefill-tensor-parallel-size", "0")
+
+
 def test_gpu_engine_options_reach_the_engine():
     args = _parse("--redis-url", "redis://r:6379", "--max-num-seqs", "8", "--attention-backend", "sdpa",
                   "--enforce-eager", "--cudagraph-capture-sizes", "4,1,2")
