@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -25,17 +26,19 @@ def folder(tiny_checkpoint):
     return str(tiny_checkpoint("llama"))
 
 
-@pytest.fixture(scope="module")
-def cluster(folder):
+@contextmanager
+def _cluster(folder: str, prefill_tp: int, decode_tp: int, num_decode_workers: int):
+    """(controller, Generation stub) of a running cluster: one prefill worker, the decode workers, a router."""
     from cluster.config import ClusterConfig
     from cluster.controller import Controller
     from router.config import RouterConfig
     from router.server import Router
 
-    # 3 workers x 2 ranks on a 2-core machine: half a CPU per rank.
+    # Up to 3 workers x 2 ranks on a 2-core machine: half a CPU per rank.
     controller = Controller(ClusterConfig(
-        model=folder, num_prefill_workers=1, num_decode_workers=2, prefill_tensor_parallel_size=2,
-        decode_tensor_parallel_size=2, num_cpus_per_rank=0.5, engine=ENGINE, health_check_period_s=0.5))
+        model=folder, num_prefill_workers=1, num_decode_workers=num_decode_workers,
+        prefill_tensor_parallel_size=prefill_tp, decode_tensor_parallel_size=decode_tp, num_cpus_per_rank=0.5,
+        engine=ENGINE, health_check_period_s=0.5))
     loops = _LoopThread()
     router = None
     try:
@@ -53,6 +56,12 @@ def cluster(folder):
             loops.run(router.stop(grace_s=1))
         loops.close()
         controller.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(folder):
+    with _cluster(folder, prefill_tp=2, decode_tp=2, num_decode_workers=2) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
