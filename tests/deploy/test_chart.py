@@ -45,6 +45,8 @@ EVERYTHING = {**GPU_TP2, **EXTERNAL_REDIS, **AUTOSCALER_ON, **MONITORING_ON, **T
 MATRIX = {
     "cpu-defaults": {},
     "nvidia-tp2": GPU_TP2,
+    "nvidia-p4-d2": {"accelerator": {"type": "nvidia"}, "prefill": {"parallelism": {"tensor": 4}},
+                     "decode": {"parallelism": {"tensor": 2}}},
     "external-redis": EXTERNAL_REDIS,
     "autoscaler-on": AUTOSCALER_ON,
     "tls-on": TLS_ON,
@@ -156,6 +158,22 @@ def test_raycluster_worker_groups(name):
     assert ("--num-gpus-per-worker 1" in script) == gpu
     if gpu:
         assert "--max-model-len 8192" in script and "--no-enable-chunked-prefill" in script
+    assert "--decode-tensor-parallel-size" not in script  # the pools' sizes are equal here
+
+
+def test_prefill_and_decode_at_different_tp_sizes():
+    """Each worker group asks for its own pool's GPUs; the controller gets both sizes; the autoscaler's GPUs per
+    worker and budget floor count each pool's own size."""
+    values = {**MATRIX["nvidia-p4-d2"], "decode": {"parallelism": {"tensor": 2}, "minReplicas": 2, "replicas": 2}}
+    rc = one(render_objects(values), "RayCluster")
+    gpus = {g["groupName"]: g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            for g in rc["spec"]["workerGroupSpecs"]}
+    assert gpus == {"prefill": 4, "decode": 2}
+    script = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "--tensor-parallel-size 4 --decode-tensor-parallel-size 2" in script
+    with pytest.raises(helm.HelmRenderError) as e:  # 1 x 4 + 2 x 2 GPUs at the pools' minimum
+        render({**values, "autoscaler": {"enabled": True, "gpuBudget": 7}})
+    assert "autoscaler.gpuBudget: the pools' minReplicas need 8 GPUs, got 7" in str(e.value)
 
 
 def test_raycluster_stays_out_of_ray_autoscaling_with_tandems_autoscaler():
@@ -353,7 +371,6 @@ def test_schema_refuses_wrong_types_and_unknown_keys(values, message):
     ({"redis": {"enabled": False}}, "redis: tandem needs a Redis"),
     ({"redis": {"url": "redis://r:6379"}}, "not both"),
     ({"prefill": {"replicas": 5}}, "prefill: need minReplicas <= replicas <= maxReplicas, got 1, 5, 4"),
-    ({"decode": {"parallelism": {"tensor": 2}}}, "prefill.parallelism.tensor and decode.parallelism.tensor"),
     ({"router": {"service": {"type": "LoadBalancer"}}}, "auth.apiKeysSecret: required"),
     ({"tls": {"enabled": True}}, "tls.secretName: required"),
     ({"internalTls": {"enabled": True, "secretName": "s"}}, "internalTls.secretName and internalTls.serverName"),

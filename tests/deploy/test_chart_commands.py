@@ -53,7 +53,7 @@ def xfail_if_pending(prog: str, flags: list[str]) -> None:
         pytest.xfail(f"{prog} does not have {' '.join(flags)} yet (issue 13)")
 
 
-@pytest.mark.parametrize("name", ["cpu-defaults", "nvidia-tp2", "tls-on", "everything"])
+@pytest.mark.parametrize("name", ["cpu-defaults", "nvidia-tp2", "nvidia-p4-d2", "tls-on", "everything"])
 def test_controller_command_parses(name, capsys):
     if importlib.util.find_spec("cluster.controller_cli") is None:
         pytest.skip("tandem controller (cluster/controller_cli.py) is not there yet")
@@ -70,6 +70,8 @@ def test_controller_command_parses(name, capsys):
         assert args.tensor_parallel_size == 2 and args.num_gpus_per_worker == 1
         assert args.attention_backend == "triton" and args.cudagraph_capture_sizes == [1, 2, 4, 8, 128]
         assert args.enforce_eager is None  # false: the flag is left out, CUDA graphs on
+    if name == "nvidia-p4-d2":
+        assert (args.tensor_parallel_size, args.decode_tensor_parallel_size) == (4, 2)
 
 
 @pytest.mark.parametrize("name", ["autoscaler-on", "everything"])

@@ -82,9 +82,6 @@ securityContext:
 {{- fail (printf "%s: need minReplicas <= replicas <= maxReplicas, got %d, %d, %d" $role (int $p.minReplicas) (int $p.replicas) (int $p.maxReplicas)) -}}
 {{- end -}}
 {{- end -}}
-{{- if ne (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor) -}}
-{{- fail (printf "prefill.parallelism.tensor and decode.parallelism.tensor: must be equal (the KV hand-off needs the same TP layout), got %d and %d" (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor)) -}}
-{{- end -}}
 {{- $e := .Values.engine -}}
 {{- if and (eq (toString $e.attentionBackend) "triton") (ne .Values.accelerator.type "nvidia") -}}
 {{- fail (printf "engine.attentionBackend: triton needs accelerator.type=nvidia (the CPU image has no triton), got accelerator.type=%s; use auto or sdpa" .Values.accelerator.type) -}}
@@ -120,7 +117,7 @@ securityContext:
 {{- fail (printf "router.podDisruptionBudget.minAvailable: must be below router.replicas (%d), got %d: no router could ever be evicted and node drains would block" (int .Values.router.replicas) (int $pdb.minAvailable)) -}}
 {{- end -}}
 {{- if and .Values.autoscaler.enabled (not (kindIs "invalid" .Values.autoscaler.gpuBudget)) (eq .Values.accelerator.type "nvidia") -}}
-{{- $floor := mul (add (int .Values.prefill.minReplicas) (int .Values.decode.minReplicas)) (int .Values.prefill.parallelism.tensor) -}}
+{{- $floor := add (mul (int .Values.prefill.minReplicas) (int .Values.prefill.parallelism.tensor)) (mul (int .Values.decode.minReplicas) (int .Values.decode.parallelism.tensor)) -}}
 {{- if lt (int .Values.autoscaler.gpuBudget) (int $floor) -}}
 {{- fail (printf "autoscaler.gpuBudget: the pools' minReplicas need %d GPUs, got %d" (int $floor) (int .Values.autoscaler.gpuBudget)) -}}
 {{- end -}}
@@ -191,7 +188,7 @@ securityContext:
 {{- end -}}
 
 {{- define "tandem.gpusPerWorker" -}}
-{{- if eq .Values.accelerator.type "nvidia" }}{{ int .Values.prefill.parallelism.tensor }}{{ else }}0{{ end -}}
+{{- if eq .Values.accelerator.type "nvidia" }}{{ max (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor) }}{{ else }}0{{ end -}}
 {{- end -}}
 
 {{/* tandem controller's engine and pool flags (cluster/controller_cli.py). */}}
@@ -201,6 +198,9 @@ securityContext:
 {{- printf " --drain-timeout-s %d" (int .Values.head.drainTimeoutSeconds) }}
 {{- with .Values.model.path }} --model {{ . | squote }}{{ end }}
 {{- printf " --tensor-parallel-size %d" (int .Values.prefill.parallelism.tensor) }}
+{{- if ne (int .Values.prefill.parallelism.tensor) (int .Values.decode.parallelism.tensor) }}
+{{- printf " --decode-tensor-parallel-size %d" (int .Values.decode.parallelism.tensor) }}
+{{- end }}
 {{- if eq .Values.accelerator.type "nvidia" }} --num-gpus-per-worker 1{{ end }}
 {{- printf " --num-cpus-per-worker %v" $e.numCpusPerWorker }} --kv-transport tcp --kv-offload {{ $e.kvOffload }}
 {{- if not (kindIs "invalid" $e.maxModelLen) }} --max-model-len {{ int $e.maxModelLen }}{{ end }}
