@@ -9,9 +9,10 @@ TP=1 shard (32 layers, 8 kv heads, head_dim 128, block 16: 2 MiB per block) and 
     end-to-end offer + fetch: from a prefill's finished tensor to the decode side holding it
 
 Times are medians over --repeats transfers (after one warm-up transfer per size); raw is the best of as many. Raw
-covers the same copies as end-to-end (tcp: the socket path; shm: into shared memory and out), so compare the two.
+covers the same copies as end-to-end (tcp: the socket path; shm: into shared memory and out; nixl: one NIXL READ
+between two processes' registered, warm buffers), so compare the two. nixl runs only where nixl-cu13 is installed.
 
-    python benchmarks/bench_kv_transfer.py                 # every transport, 4/16/64/256 MiB
+    python benchmarks/bench_kv_transfer.py                 # every installed transport, 4/16/64/256 MiB
     python benchmarks/bench_kv_transfer.py --markdown      # also print a markdown table
     python benchmarks/bench_kv_transfer.py --tls           # with mutual TLS (internal_tls), certificates from trustme
 """
@@ -127,9 +128,21 @@ def format_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def available_transports() -> list[str]:
+    """KV_TRANSPORTS less those whose library is missing here (nixl without nixl-cu13)."""
+    names = []
+    for name in KV_TRANSPORTS:
+        try:
+            make_kv_transport(name).close()
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transports", nargs="+", default=list(KV_TRANSPORTS), choices=KV_TRANSPORTS)
+    p.add_argument("--transports", nargs="+", default=available_transports(), choices=KV_TRANSPORTS)
     p.add_argument("--sizes-mib", nargs="+", type=int, default=[4, 16, 64, 256])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", type=Path, default=None, help="also write the rows and the machine to this JSON file")

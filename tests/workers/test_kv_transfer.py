@@ -7,6 +7,7 @@ import glob
 import multiprocessing as mp
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,14 @@ from workers.kv_transfer.shm import ARENA_PREFIX, SHM_DIR, ShmKVTransport, remov
 from workers.kv_transfer.wire import recv_exact, recv_frame, send_frame
 
 FAST_S = 1.0  # an error that needs no waiting must come within this
+try:
+    import nixl_cu13._api  # noqa: F401
+    NIXL_MISSING = None
+except ImportError as e:
+    NIXL_MISSING = f"nixl_cu13 is not importable ({e}): pip install 'nixl-cu13==1.5.1' to test the nixl transport"
+# Every transport, the nixl one skipped where its library is missing.
+TRANSPORTS = [pytest.param(name, marks=pytest.mark.skipif(name == "nixl" and NIXL_MISSING is not None,
+                                                          reason=NIXL_MISSING or "")) for name in KV_TRANSPORTS]
 
 
 def make_payload(request_id: str, dtype: str = "float32", num_blocks: int = 3, block_size: int = 4) -> KVPayload:
@@ -95,7 +104,7 @@ class Sender:
         self.process.join(timeout=10)
 
 
-@pytest.fixture(scope="module", params=KV_TRANSPORTS)
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def sender(request):
     handle = Sender(request.param)
     yield handle
@@ -179,7 +188,7 @@ def test_withdraw_during_a_transfer_is_not_committed(sender):
         send_frame(sock, {"op": "fetch", "transfer_id": "late"})
         header = recv_frame(sock)
         recv_exact(sock, (header["num_prompt_tokens"] + header["num_output_tokens"]) * 8)
-        if "shm" not in header:
+        if "shm" not in header and "nixl" not in header:  # those leave the kv bytes where they are
             recv_exact(sock, header["kv_nbytes"])
         assert sender.call("withdraw", "late") is True
         send_frame(sock, {"op": "ack", "transfer_id": "late"})
@@ -216,7 +225,7 @@ def silent_server():
             conn.close()
 
 
-@pytest.mark.parametrize("name", KV_TRANSPORTS)
+@pytest.mark.parametrize("name", TRANSPORTS)
 def test_fetch_from_a_silent_server_times_out(name, silent_server):
     transport = make_kv_transport(name)
     t0 = time.monotonic()
@@ -226,7 +235,7 @@ def test_fetch_from_a_silent_server_times_out(name, silent_server):
     transport.close()
 
 
-@pytest.mark.parametrize("name", KV_TRANSPORTS)
+@pytest.mark.parametrize("name", TRANSPORTS)
 def test_close_is_idempotent_and_stops_serving(name):
     transport = make_kv_transport(name)
     endpoint = transport.start()
@@ -255,7 +264,7 @@ def test_offer_checks_its_arguments():
 
 
 def test_make_kv_transport_rejects_unknown_names():
-    with pytest.raises(ValueError, match="kv_transport: must be one of tcp, shm, got 'nope'"):
+    with pytest.raises(ValueError, match="kv_transport: must be one of tcp, shm, nixl, got 'nope'"):
         make_kv_transport("nope")
 
 
@@ -307,8 +316,37 @@ def test_stale_arenas_of_dead_senders_are_removed():
     live.close()
 
 
+def test_nixl_without_its_library_is_refused_with_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl_cu13", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(ValueError, match="kv_transport: 'nixl' needs the NIXL library.*pip install 'nixl-cu13"):
+        make_kv_transport("nixl")
+
+
+@pytest.mark.skipif(NIXL_MISSING is not None, reason=NIXL_MISSING or "")
+def test_nixl_and_tcp_peers():
+    """A nixl receiver takes inline payloads from a tcp sender; a tcp receiver is told to use nixl, and the
+    payload stays staged for a nixl receiver."""
+    tcp_sender, nixl_sender, receiver = make_kv_transport("tcp"), make_kv_transport("nixl"), make_kv_transport("nixl")
+    tcp_endpoint, nixl_endpoint = tcp_sender.start(), nixl_sender.start()
+    want = make_payload("a", "bfloat16")
+    tcp_sender.offer("a", want)
+    assert_same_payload(receiver.fetch(tcp_endpoint, "a", timeout_s=5), want)
+    nixl_sender.offer("a", want)
+    with pytest.raises(KVTransferError, match=r"uses the nixl transport: fetch with make_kv_transport\(.nixl.\)"):
+        make_kv_transport("tcp").fetch(nixl_endpoint, "a", timeout_s=5)
+    deadline = time.monotonic() + 5
+    while True:  # the sender reverts the transfer when it sees the refused receiver's connection close
+        try:
+            assert_same_payload(receiver.fetch(nixl_endpoint, "a", timeout_s=5), want)
+            break
+        except KVTransferError as e:
+            assert "already being fetched" in str(e) and time.monotonic() < deadline
+    for transport in (tcp_sender, nixl_sender, receiver):
+        transport.close()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", KV_TRANSPORTS)
+@pytest.mark.parametrize("name", TRANSPORTS)
 def test_a_cuda_payload_arrives_on_the_cpu(name):
     sender, receiver = make_kv_transport(name), make_kv_transport(name)
     endpoint = sender.start()

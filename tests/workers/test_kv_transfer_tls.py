@@ -1,5 +1,5 @@
 """KV transfer with mutual TLS (workers' internal_tls): between two processes a payload crosses bit for bit over
-tcp and shm (whose header and ack go over tcp); a receiver without the cluster's certificate, or one that does not
+tcp, shm and nixl (whose header and ack go over tcp); a receiver without the cluster's certificate, or one that does not
 trust the sender's, gets a prompt KVTransferError and the payload stays staged for a receiver that may have it."""
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import pytest
 
 from tandem.tls import TLSConfig
 from tests.tls_certs import INTERNAL_NAME, certs  # noqa: F401 - fixture
-from tests.workers.test_kv_transfer import Sender, assert_same_payload, make_payload
-from workers.kv_transfer import KV_TRANSPORTS, KVTransferError, make_kv_transport
+from tests.workers.test_kv_transfer import TRANSPORTS, Sender, assert_same_payload, make_payload
+from workers.kv_transfer import KVTransferError, make_kv_transport
 
 
 def cluster_tls(certs, **kw) -> TLSConfig:
     return TLSConfig.internal(certs.cert, certs.key, certs.ca, **kw)
 
 
-@pytest.fixture(scope="module", params=KV_TRANSPORTS)
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def tls_sender(request, certs):
     handle = Sender(request.param, tls=cluster_tls(certs))
     yield handle

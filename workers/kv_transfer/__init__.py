@@ -6,30 +6,34 @@
     payload = other.fetch(endpoint, transfer_id, timeout_s=10.0)   # receiver, in the decode worker
 
 "tcp" works anywhere; "shm" (same host only: it moves the bytes through /dev/shm and uses tcp for the header
-and the ack) is about twice as fast end to end on one host. A shm receiver can fetch from a tcp sender, not
-the other way round.
+and the ack) is about twice as fast end to end on one host; "nixl" has the receiver READ the bytes through the
+NIXL library (UCX), with tcp for the header and the ack, and needs nixl-cu13 installed. A shm or nixl receiver can
+fetch from a tcp sender, not the other way round.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from workers.kv_transfer.base import KVTransferError, KVTransport
+from workers.kv_transfer.nixl import NixlKVTransport
 from workers.kv_transfer.shm import ShmKVTransport
 from workers.kv_transfer.tcp import TcpKVTransport
 
 if TYPE_CHECKING:
     from tandem.tls import TLSConfig
 
-_TRANSPORTS: dict[str, type[KVTransport]] = {TcpKVTransport.name: TcpKVTransport, ShmKVTransport.name: ShmKVTransport}
+_TRANSPORTS: dict[str, type[KVTransport]] = {TcpKVTransport.name: TcpKVTransport, ShmKVTransport.name: ShmKVTransport,
+                                             NixlKVTransport.name: NixlKVTransport}
 KV_TRANSPORTS: tuple[str, ...] = tuple(_TRANSPORTS)
 
 
 def make_kv_transport(name: str, tls: TLSConfig | None = None) -> KVTransport:
     """A new, not yet started transport of the kind `name` (one of KV_TRANSPORTS); with `tls` (TLSConfig.internal)
-    its tcp connections use mutual TLS."""
+    its tcp connections use mutual TLS. "nixl" raises ValueError if nixl-cu13 is not installed."""
     if name not in _TRANSPORTS:
         raise ValueError(f"kv_transport: must be one of {', '.join(KV_TRANSPORTS)}, got {name!r}")
     return _TRANSPORTS[name](tls=tls)
 
 
-__all__ = ["KVTransferError", "KVTransport", "KV_TRANSPORTS", "ShmKVTransport", "TcpKVTransport", "make_kv_transport"]
+__all__ = ["KVTransferError", "KVTransport", "KV_TRANSPORTS", "NixlKVTransport", "ShmKVTransport", "TcpKVTransport",
+           "make_kv_transport"]

@@ -324,8 +324,9 @@ class TcpKVTransport(KVTransport):
 
     def _recv_kv(self, sock: socket.socket, header: dict, deadline: float) -> torch.Tensor:
         """The kv's raw bytes as a new uint8 CPU tensor."""
-        if "shm" in header:
-            raise ValueError("the sender uses the shm transport: fetch with make_kv_transport('shm')")
+        for other in ("shm", "nixl"):
+            if other in header:
+                raise ValueError(f"the sender uses the {other} transport: fetch with make_kv_transport('{other}')")
         kv_bytes = empty_host_bytes(header["kv_nbytes"])
         recv_exact_into(sock, byte_view(kv_bytes), deadline)
         return kv_bytes
