@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from tandem.tls import TLSConfig
 from workers.config import EngineConfig
-from workers.kv_transfer import KV_TRANSPORTS
+from workers.kv_transfer import KV_TRANSPORTS, nixl
 
 KV_OFFLOAD = ("auto", "on", "off")
 
@@ -75,6 +75,8 @@ class ClusterConfig:
             raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.kv_transport not in ("auto", *KV_TRANSPORTS):
             raise ValueError(f"kv_transport: must be one of auto, {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
+        if self.kv_transport == "nixl":
+            nixl.nixl_api()  # ValueError naming kv_transport, now rather than in every worker
         for name in ("num_prefill_workers", "num_decode_workers", "num_colocated_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")

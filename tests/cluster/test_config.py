@@ -41,3 +41,14 @@ def test_kv_offload_is_on_for_cpu_workers_with_a_redis_only():
     assert ClusterConfig(redis_url=redis, num_gpus_per_rank=1, kv_offload="on").resolved_kv_offload
     assert not ClusterConfig(redis_url=redis, kv_offload="off").resolved_kv_offload
     assert not ClusterConfig(kv_offload="on").resolved_kv_offload  # no Redis, no tier
+
+
+def test_nixl_without_the_library_is_refused_before_any_worker_starts(monkeypatch):
+    from workers.kv_transfer import nixl
+
+    def missing():
+        raise ValueError("kv_transport: 'nixl' needs the NIXL library, which is not importable here")
+
+    monkeypatch.setattr(nixl, "nixl_api", missing)
+    with pytest.raises(ValueError, match="^kv_transport: 'nixl' needs the NIXL library"):
+        ClusterConfig(kv_transport="nixl")
