@@ -9,7 +9,7 @@ import signal
 import sys
 
 from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
-from router.config import MODES, ROUTING_POLICIES, RouterConfig
+from router.config import KV_LOAD_FAILURE_POLICIES, MODES, ROUTING_POLICIES, RouterConfig
 from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem import tls
 
@@ -44,6 +44,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
                         help="... and times as many (default %(default)s)")
     parser.add_argument("--kv-lease-ms", type=int, default=defaults["kv_lease_ms"].default)
     parser.add_argument("--max-migrations", type=int, default=defaults["max_migrations"].default)
+    parser.add_argument("--kv-load-failure-policy", choices=KV_LOAD_FAILURE_POLICIES,
+                        default=defaults["kv_load_failure_policy"].default,
+                        help="a decode worker that cannot load the KV from the prefill worker: recompute the prompt "
+                             "there, or fail the request with UNAVAILABLE (default %(default)s)")
     parser.add_argument("--max-prefill-retries", type=int, default=defaults["max_prefill_retries"].default)
     parser.add_argument("--registry-poll-interval-s", type=float, default=defaults["registry_poll_interval_s"].default)
     parser.add_argument("--stats-poll-interval-s", type=float, default=defaults["stats_poll_interval_s"].default)
@@ -66,6 +70,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[RouterConfig, str]:
             load_format=args.load_format, mode=args.mode, max_queued_requests=args.max_queued_requests,
             max_local_prefill_length=args.max_local_prefill_length, kv_lease_ms=args.kv_lease_ms,
             max_migrations=args.max_migrations, max_prefill_retries=args.max_prefill_retries,
+            kv_load_failure_policy=args.kv_load_failure_policy,
             registry_poll_interval_s=args.registry_poll_interval_s, stats_poll_interval_s=args.stats_poll_interval_s,
             worker_stall_timeout_s=args.worker_stall_timeout_s, drain_timeout_s=args.drain_timeout_s,
             max_queue_time_s=args.max_queue_time_s, tenancy=tenancy, redis_url=args.redis_url,

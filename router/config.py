@@ -14,6 +14,10 @@ MODES = ("disaggregated", "colocated")
 # cache_aware: the worker with the least prefill work ahead of the first token, from the global prefix index;
 # load: queued tokens and free blocks only (no index).
 ROUTING_POLICIES = ("cache_aware", "load")
+# What the router does when a decode worker cannot load a request's KV from its prefill worker (llm-d's and vLLM's
+# name): recompute: Decode again on that worker without KV, which prefills the prompt itself; fail: end the request
+# with UNAVAILABLE (for deployments where a silent recompute would break a latency budget or hide a broken KV path).
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
@@ -44,6 +48,9 @@ class RouterConfig:
     kv_lease_ms: int = 0
     # Times a request may move to another decode worker after its decode worker failed mid-stream.
     max_migrations: int = 3
+    # A failed KV hand-off (the decode worker's pull refused "kv: ...", or the prefill worker stalled during it):
+    # one of KV_LOAD_FAILURE_POLICIES.
+    kv_load_failure_policy: str = "recompute"
     # Times a prefill may be retried on another prefill worker after its worker became unavailable.
     max_prefill_retries: int = 3
     # MatchPrefix is a hint: past this the request is disaggregated without it.
@@ -114,6 +121,9 @@ class RouterConfig:
             raise ValueError(f"max_local_prefill_length: must be >= 0, got {self.max_local_prefill_length}")
         if self.kv_lease_ms < 0:
             raise ValueError(f"kv_lease_ms: must be >= 0 (0: the worker's default), got {self.kv_lease_ms}")
+        if self.kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure_policy: must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, "
+                             f"got {self.kv_load_failure_policy!r}")
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations: must be >= 0, got {self.max_migrations}")
         if self.max_prefill_retries < 0:

@@ -5,7 +5,8 @@ Prometheus names (exporter: dots become underscores, the unit "s" adds _seconds,
   gen_ai_server_time_to_first_token_seconds, gen_ai_server_time_per_output_token_seconds,
   gen_ai_server_request_duration_seconds, gen_ai_client_token_usage (histograms, `_bucket`/`_sum`/`_count`);
   tandem_router_requests_total, tandem_router_inflight_requests, tandem_router_queued_requests,
-  tandem_router_migrations_total;
+  tandem_router_migrations_total, tandem_router_kv_load_failures_total{action} (KV hand-offs that failed, by what
+  kv_load_failure_policy did: recompute, fail);
   with Redis (PrefixIndexMetrics): tandem_router_prefix_index_blocks, tandem_router_prefix_index_workers,
   tandem_router_prefix_index_stale_workers, tandem_router_kv_events_batches_applied_total,
   tandem_router_kv_events_batches_rejected_total{reason}, tandem_router_kv_events_snapshots_loaded_total,
@@ -61,6 +62,10 @@ class RouterMetrics:
         self.migrations = meter.create_counter(
             "tandem.router.migrations", unit="{migration}",
             description="Requests moved to another decode worker after theirs failed mid-stream")
+        self.kv_load_failures = meter.create_counter(
+            "tandem.router.kv_load_failures", unit="{failure}",
+            description="KV hand-offs that failed (the decode worker could not load the KV from the prefill worker), "
+                        "by the action kv_load_failure_policy took: recompute, fail")
         self.routing_decisions = meter.create_counter(
             "tandem.router.routing_decisions", unit="{decision}",
             description="Workers chosen, by pool and reason (prefix_hit, load, hot_spot_guard, no_index)")

@@ -8,8 +8,10 @@ The path of a request:
 Failures that leave the client's stream intact:
   - Prefill: the worker is unavailable -> the same prefill on another prefill worker (max_prefill_retries); none
     left -> the decode worker prefills it (local).
-  - Decode: the KV could not be pulled ("kv:" FAILED_PRECONDITION) -> Decode again on the same worker without KV,
-    with the first token as output_token_ids.
+  - Decode: the KV could not be pulled ("kv:" FAILED_PRECONDITION, or the prefill worker stalled during the pull)
+    -> Decode again on the same worker without KV, with the first token as output_token_ids
+    (kv_load_failure_policy=recompute, the default); with kv_load_failure_policy=fail the request ends with
+    UNAVAILABLE instead.
   - Decode: the worker went away mid-stream -> Decode on another decode worker with every token streamed so far
     as output_token_ids (max_migrations). The client sees one stream.
   - A worker that stalls (no stats for worker_stall_timeout_s; router/pool.py) has its calls cancelled by the
@@ -330,7 +332,8 @@ class GenerateCall:
             if outcome is _Outcome.DONE:
                 return
             if outcome is _Outcome.KV_LOST:
-                # The prefill worker died or the lease expired: prefill here, after the first token.
+                # The prefill worker died or the lease expired (kv_load_failure_policy=recompute; fail raised in
+                # _stream): prefill here, after the first token.
                 self._abort_held_kv()
                 kv = None
                 continue
@@ -400,9 +403,7 @@ class GenerateCall:
                 self._open.pop(engine_id)  # refused: nothing is held there
             # Else left open, for the Abort at the end: the worker may still be alive (a deadline, a closed channel).
             if code == grpc.StatusCode.FAILED_PRECONDITION and kv is not None and (e.details() or "").startswith("kv:"):
-                log.info("%s: decode worker %s could not pull the KV (%s); prefilling there", self.request_id,
-                         worker.worker_id, e.details())
-                return _Outcome.KV_LOST, num_messages
+                return self._kv_load_failed(worker, kv, e.details()), num_messages
             if code in WORKER_GONE:
                 return _Outcome.WORKER_LOST, num_messages
             raise self._worker_error(e, "decode", worker) from None
@@ -415,9 +416,8 @@ class GenerateCall:
                             len(self.output_ids))
                 return _Outcome.WORKER_LOST, num_messages
             if source is not None and num_messages == 0 and _cancelled_by_stall(source, source_stalls, e):
-                log.info("%s: prefill worker %s stalled while decode worker %s pulled the KV; prefilling there",
-                         self.request_id, source.worker_id, worker.worker_id)
-                return _Outcome.KV_LOST, num_messages
+                detail = f"prefill worker {source.worker_id} stalled while the KV was pulled"
+                return self._kv_load_failed(worker, kv, detail), num_messages
             raise
         finally:
             if call is not None:
@@ -427,6 +427,28 @@ class GenerateCall:
                 if not call.done() and engine_id in self._open:
                     call.cancel()  # a stop string, or this request was cancelled
             self.s.pool.finish(worker, ticket)
+
+    def _kv_load_failed(self, worker: WorkerHandle, kv: worker_pb2.KVHandle, detail: str) -> _Outcome:
+        """The decode worker could not load the KV its prefill worker holds. kv_load_failure_policy=recompute:
+        KV_LOST (Decode again there without KV); fail: RouterError UNAVAILABLE. Either way the held KV is aborted:
+        by _decode, or by _cleanup when the request ends."""
+        policy = self.s.config.kv_load_failure_policy
+        if self.metrics is not None:
+            self.metrics.kv_load_failures.add(1, {"action": policy})
+        self.span.add_event("kv_load_failure", {"tandem.worker.id": worker.worker_id,
+                                                "tandem.kv_transfer.source_worker_id": kv.source_worker_id,
+                                                "tandem.kv_load_failure_policy": policy, "message": detail})
+        if policy == "fail":
+            log.warning("%s: decode worker %s could not load the KV from prefill worker %s (%s); failing the "
+                        "request (kv_load_failure_policy=fail)", self.request_id, worker.worker_id,
+                        kv.source_worker_id, detail)
+            raise RouterError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"KV hand-off failed: decode worker {worker.worker_id} could not load the KV from prefill worker "
+                f"{kv.source_worker_id}: {detail} (kv_load_failure_policy=fail)")
+        log.info("%s: decode worker %s could not load the KV from prefill worker %s (%s); prefilling there",
+                 self.request_id, worker.worker_id, kv.source_worker_id, detail)
+        return _Outcome.KV_LOST
 
     def _on_first_decode_message(self, msg: worker_pb2.DecodeResponse, kv: worker_pb2.KVHandle | None) -> None:
         self._release(self.s.pool.decode_pool)

@@ -7,6 +7,7 @@ import pytest
 from tandem.v1 import generation_pb2 as pb
 from tests.router.conftest import wait_for
 from tests.router.helpers import Stream, text_request
+from tests.router.test_tracing import value
 
 
 def test_client_cancel_mid_decode_cancels_the_call_and_aborts(make_env):
@@ -169,3 +170,47 @@ def test_kv_pull_failure_falls_back_to_local_prefill(make_env, script):
     # The KV the decode worker could not pull is released on the prefill side.
     wait_for(lambda: prefill.prefills[0].request.request_id in prefill.aborted, what="held KV aborted")
     assert not prefill.held
+    assert value(env.router.telemetry.metrics_text()[0], "tandem_router_kv_load_failures_total",
+                 action="recompute") == 1
+
+
+def test_kv_pull_failure_with_policy_fail_ends_the_request_unavailable(make_env, script):
+    env = make_env(prefill=1, decode=1, kv_load_failure_policy="fail")
+    [prefill], [decode] = env.by_role("prefill"), env.by_role("decode")
+    decode.kv_error = True
+    responses = []
+    with pytest.raises(grpc.RpcError) as info:
+        for r in env.stub.Generate(text_request(max_tokens=6), timeout=10):
+            responses.append(r)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == (
+        f"KV hand-off failed: decode worker {decode.worker_id} could not load the KV from prefill worker "
+        f"{prefill.worker_id}: kv: transfer not found (lease expired?) (kv_load_failure_policy=fail)")
+    # The first token (from the prefill worker) was streamed; nothing was recomputed.
+    assert Stream(responses).token_ids == script[:1]
+    [with_kv] = decode.decodes
+    assert with_kv.HasField("kv")
+    # Everything held is released: the prefill worker's KV, the admission slots.
+    wait_for(lambda: prefill.prefills[0].request.request_id in prefill.aborted, what="held KV aborted")
+    assert not prefill.held
+    wait_for(lambda: env.router.num_active == 0, what="request gone")
+    assert env.router.admission.num_queued("prefill") == env.router.admission.num_queued("decode") == 0
+    text = env.router.telemetry.metrics_text()[0]
+    assert value(text, "tandem_router_kv_load_failures_total", action="fail") == 1
+    assert value(text, "tandem_router_requests_total", status="error", error_type="UNAVAILABLE") == 1
+
+
+def test_kv_load_failure_policy_is_validated_and_set_by_the_cli(capsys):
+    from router.__main__ import parse_config
+    from router.config import RouterConfig
+
+    assert RouterConfig(registry_address="127.0.0.1:1").kv_load_failure_policy == "recompute"
+    with pytest.raises(ValueError) as info:
+        RouterConfig(registry_address="127.0.0.1:1", kv_load_failure_policy="abort")
+    assert str(info.value) == "kv_load_failure_policy: must be one of recompute, fail, got 'abort'"
+    config, _ = parse_config(["--registry", "127.0.0.1:1", "--kv-load-failure-policy", "fail"])
+    assert config.kv_load_failure_policy == "fail"
+    assert parse_config(["--registry", "127.0.0.1:1"])[0].kv_load_failure_policy == "recompute"
+    with pytest.raises(SystemExit):
+        parse_config(["--registry", "127.0.0.1:1", "--kv-load-failure-policy", "abort"])
+    assert "--kv-load-failure-policy: invalid choice: 'abort'" in capsys.readouterr().err

@@ -312,6 +312,19 @@ def test_no_workers_is_503(http_env):
     assert status == 503 and "prefill, decode pool" in body["error"]["message"]
 
 
+def test_kv_load_failure_with_policy_fail_is_503(http_env):
+    env = http_env(kv_load_failure_policy="fail")
+    [prefill], [decode] = env.by_role("prefill"), env.by_role("decode")
+    decode.kv_error = True
+    status, _, body = env.http.json("POST", "/v1/completions", completion())
+    assert status == 503 and body["error"]["type"] == "ServiceUnavailableError"
+    message = body["error"]["message"]
+    assert message.startswith(f"KV hand-off failed: decode worker {decode.worker_id} could not load the KV from "
+                              f"prefill worker {prefill.worker_id}: kv: ")
+    assert message.endswith("(kv_load_failure_policy=fail)")
+    wait_for(lambda: not prefill.held, what="the held KV released")
+
+
 # --- the other endpoints and the lifecycle -------------------------------------------------------------------
 
 def test_health_models_and_metrics(http_env):

@@ -2,6 +2,7 @@
 stalled by its missing stats, moves its requests to other workers at once, and takes it back when it answers."""
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from tandem.v1 import generation_pb2 as pb
@@ -123,4 +124,29 @@ def test_prefill_worker_stalling_during_the_kv_pull_falls_back_to_local_prefill(
     assert with_kv.HasField("kv") and not local.HasField("kv")
     assert list(local.request.output_token_ids) == script[:1]
     wait_for(lambda: with_kv.request.request_id in decode.cancelled, what="the stuck pull cancelled")
+    _on_loop(env, prefill.resume)
+
+
+def test_prefill_worker_stalling_during_the_kv_pull_with_policy_fail_ends_the_request(make_env, script):
+    env = make_env(prefill=1, decode=1, max_local_prefill_length=0, kv_load_failure_policy="fail")
+    [prefill], [decode] = env.by_role("prefill"), env.by_role("decode")
+    decode.kv_pull_delay_s = 0.2
+    stream = env.stub.Generate(text_request(max_tokens=6), timeout=30)
+    wait_for(lambda: decode.decodes, what="the decode call with the KV handle")
+    _on_loop(env, prefill.stall)  # the KV's source stops serving it mid-pull
+
+    responses = []
+    with pytest.raises(grpc.RpcError) as info:
+        for r in stream:
+            responses.append(r)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert info.value.details() == (
+        f"KV hand-off failed: decode worker {decode.worker_id} could not load the KV from prefill worker "
+        f"{prefill.worker_id}: prefill worker {prefill.worker_id} stalled while the KV was pulled "
+        f"(kv_load_failure_policy=fail)")
+    assert Stream(responses).token_ids == script[:1]
+    [with_kv] = decode.decodes  # not recomputed there
+    engine_id = with_kv.request.request_id
+    wait_for(lambda: engine_id in decode.cancelled and engine_id in decode.aborted, what="the stuck pull aborted")
+    wait_for(lambda: prefill.prefills[0].request.request_id in prefill.aborted, what="the held KV aborted")
     _on_loop(env, prefill.resume)
