@@ -17,6 +17,7 @@ from cluster import controller_cli
 from cluster.autoscaler import cli as autoscaler_cli
 from loadtest import cli as loadtest_cli
 from router.cache.semantic.config import add_semantic_cache_arguments, semantic_cache_from_args
+from router.config import KV_LOAD_FAILURE_POLICIES
 from router.tenants import add_auth_arguments, tenancy_from_args
 from tandem import tls
 from tandem.redis_store import EmbeddedRedis, StoreConfig
@@ -62,6 +63,9 @@ def _add_up(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-policy", choices=("cache_aware", "load"), default="cache_aware",
                    help="cache_aware: least prefill work ahead of the first token, from the global prefix index; "
                         "load: queued tokens and free blocks only (default %(default)s)")
+    p.add_argument("--kv-load-failure-policy", choices=KV_LOAD_FAILURE_POLICIES, default="recompute",
+                   help="a decode worker that cannot load the KV from the prefill worker: recompute the prompt "
+                        "there, or fail the request with UNAVAILABLE (default %(default)s)")
     add_semantic_cache_arguments(p)
     p.add_argument("--max-local-prefill-length", type=int, default=None,
                    help="prompts with fewer uncached tokens are prefilled on the decode worker")
@@ -144,17 +148,25 @@ def _up(args) -> int:
     except ValueError as e:
         print(f"tandem up: {e}", file=sys.stderr)
         return 2
-    router_options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
-                                        ("max_queued_requests", args.max_queued_requests),
-                                        ("max_queue_time_s", args.max_queue_time_s)) if v is not None}
-    router_options["http_port"] = args.http_port
-    router_options["tenancy"] = tenancy
-    router_options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
-                          ssl_cert_reqs=args.ssl_cert_reqs)
-    router_options["chat_content_special_tokens"] = args.chat_content_special_tokens
-    router_options["routing_policy"] = args.routing_policy
-    router_options["semantic_cache"] = semantic_cache
+    router_options = router_options_from_args(args, tenancy, semantic_cache)
     return asyncio.run(serve(config, args.host, args.port, router_options, autoscale, args.autoscale_interval_s))
+
+
+def router_options_from_args(args, tenancy, semantic_cache) -> dict:
+    """The RouterConfig fields `tandem up` sets from its options (serve() adds the address, registry, model, mode,
+    internal TLS and Redis)."""
+    options = {k: v for k, v in (("max_local_prefill_length", args.max_local_prefill_length),
+                                 ("max_queued_requests", args.max_queued_requests),
+                                 ("max_queue_time_s", args.max_queue_time_s)) if v is not None}
+    options["http_port"] = args.http_port
+    options["tenancy"] = tenancy
+    options.update(ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs,
+                   ssl_cert_reqs=args.ssl_cert_reqs)
+    options["chat_content_special_tokens"] = args.chat_content_special_tokens
+    options["routing_policy"] = args.routing_policy
+    options["kv_load_failure_policy"] = args.kv_load_failure_policy
+    options["semantic_cache"] = semantic_cache
+    return options
 
 
 async def serve(config, host: str, port: int, router_options: dict, autoscale=None,
