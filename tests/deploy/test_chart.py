@@ -39,7 +39,7 @@ MONITORING_ON = {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"
 EVERYTHING = {**GPU_TP2, **EXTERNAL_REDIS, **AUTOSCALER_ON, **MONITORING_ON, **TLS_ON,
               "tls": {"enabled": True, "secretName": "router-tls", "clientAuth": True},
               "semanticCache": {"enabled": True, "threshold": 0.92},
-              "router": {"replicas": 3, "service": {"type": "LoadBalancer"}},
+              "router": {"replicas": 3, "service": {"type": "LoadBalancer"}, "kvLoadFailurePolicy": "fail"},
               "model": {"path": "/models/llama-3-8b", "name": "llama-3-8b",
                         "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}}}
 MATRIX = {
@@ -358,6 +358,7 @@ def test_network_policies():
     ({"autoscaler": {"enabled": True, "apiKeySecret": {"name": "k", "key": ""}}}, "/autoscaler/apiKeySecret/key"),
     ({"model": {"path": "/models/$(reboot).gguf"}}, "/model/path"),  # a shell word on the head
     ({"engine": {"attentionBackend": "flash"}}, "/engine/attentionBackend"),
+    ({"router": {"kvLoadFailurePolicy": "abort"}}, "/router/kvLoadFailurePolicy"),
     ({"engine": {"cudagraphCaptureSizes": [0, 8]}}, "/engine/cudagraphCaptureSizes"),
 ])
 def test_schema_refuses_wrong_types_and_unknown_keys(values, message):

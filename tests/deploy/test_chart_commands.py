@@ -111,6 +111,7 @@ def test_router_command_parses(name, capsys, monkeypatch):
     assert set(flags) <= PENDING_FLAGS.get("python -m router", set()), f"python -m router does not know {flags}"
     assert args.host == "0.0.0.0" and args.port == 50051 and args.http_port == 8000
     assert args.redis_url == ENV["$(TANDEM_REDIS_URL)"]
+    assert args.kv_load_failure_policy == ("fail" if name == "everything" else "recompute")
     xfail_if_pending("python -m router", flags)
 
 
