@@ -106,6 +106,7 @@ class _Lease:
     transfer_id: str
     expires: float
     num_bytes: int
+    locators: list[str]  # per shard, what its transport's offer returned ("" for none): for the KVHandle
 
 
 class EngineLoop:
@@ -119,9 +120,9 @@ class EngineLoop:
         self._listeners: dict[str, Callable[[TokenEvent], None]] = {}
         self.leases: dict[str, _Lease] = {}  # by transfer id
         self._lease_by_req: dict[str, str] = {}
-        # Set by the server: stage a prefilled request's KV (returns transfer id, bytes), and drop a staged
+        # Set by the server: stage a prefilled request's KV (returns transfer id, bytes, locators), and drop a staged
         # transfer from the transport (a no-op once the decode side has fetched it).
-        self.on_prefilled: Callable[[str], tuple[str, int] | None] | None = None
+        self.on_prefilled: Callable[[str], tuple[str, int, list[str]] | None] | None = None
         self.withdraw: Callable[[str], object] | None = None
         # Set by the server when it publishes KV events: gets each step's prefix cache changes (engine thread).
         self.on_kv_events: Callable[[list], None] | None = None
@@ -199,8 +200,8 @@ class EngineLoop:
             # later step could touch it.
             staged = self.on_prefilled(event.req_id)
             if staged is not None:
-                transfer_id, num_bytes = staged
-                lease = _Lease(event.req_id, transfer_id, time.monotonic() + self.kv_lease_s, num_bytes)
+                transfer_id, num_bytes, locators = staged
+                lease = _Lease(event.req_id, transfer_id, time.monotonic() + self.kv_lease_s, num_bytes, locators)
                 self.leases[transfer_id] = lease
                 self._lease_by_req[event.req_id] = transfer_id
         listener = self._listeners.get(event.req_id)
@@ -400,16 +401,17 @@ class WorkerServer:
 
     # --- KV hand-off ----------------------------------------------------------------------------------
 
-    def _stage_kv(self, req_id: str) -> tuple[str, int] | None:
+    def _stage_kv(self, req_id: str) -> tuple[str, int, list[str]] | None:
         """Engine thread, right after a prefill-role request's first token. Rank 0 gathered every TP rank's shard
-        (export_kv); all of them are staged on this worker's transport, shard r under shard_transfer_id(tid, r, n)."""
+        (export_kv); all of them are staged on this worker's transport, shard r under shard_transfer_id(tid, r, n).
+        Returns the transfer id, the bytes of all shards and each shard's locator (one-sided reads; "" for none)."""
         start = time.perf_counter()
         payloads = self.engine.export_kv(req_id)
         transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
-        for rank, payload in enumerate(payloads):
-            self.transport.offer(shard_transfer_id(transfer_id, rank, len(payloads)), payload)
+        locators = [self.transport.offer(shard_transfer_id(transfer_id, rank, len(payloads)), payload) or ""
+                    for rank, payload in enumerate(payloads)]
         self.metrics.record_stage(time.perf_counter() - start, self.transport.name)
-        return transfer_id, sum(p.num_bytes for p in payloads)
+        return transfer_id, sum(p.num_bytes for p in payloads), locators
 
     def _withdraw(self, transfer_id: str) -> None:
         n = self.engine.executor.tp_size
@@ -614,7 +616,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 resp.kv.CopyFrom(wpb.KVHandle(
                     transfer_id=tid, transport=self.w.transport.name, endpoints=[self.w._kv_endpoint] * tp_size, tp_size=tp_size,
                     num_blocks=-(-len(req.prompt_token_ids) // self.w.engine.block_size), num_bytes=lease.num_bytes,
-                    source_worker_id=self.w.worker_id,
+                    source_worker_id=self.w.worker_id, locators=lease.locators,
                 ))
             return resp
         except BaseException as e:
@@ -727,6 +729,10 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         if len(handle.endpoints) != num_shards:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"kv: endpoints: one per TP rank ({num_shards}), got {len(handle.endpoints)}")
+        if len(handle.locators) not in (0, num_shards):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kv: locators: none or one per TP rank ({num_shards}), got {len(handle.locators)}")
+        locators = list(handle.locators) or [""] * num_shards
         timeout = self.w.config.kv_fetch_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -739,7 +745,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 left = timeout - (time.perf_counter() - start)
                 payloads.append(await asyncio.get_running_loop().run_in_executor(
                     self.w._fetch_pool, self.w.transport.fetch, endpoint,
-                    shard_transfer_id(handle.transfer_id, rank, num_shards), left))
+                    shard_transfer_id(handle.transfer_id, rank, num_shards), left, locators[rank]))
         except KVTransferError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: {e}")
         seconds = time.perf_counter() - start

@@ -42,7 +42,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[EngineRequest, _Mapping]] = ..., kv_lease_ms: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("transfer_id", "transport", "endpoints", "tp_size", "num_blocks", "num_bytes", "source_worker_id")
+    __slots__ = ("transfer_id", "transport", "endpoints", "tp_size", "num_blocks", "num_bytes", "source_worker_id", "locators")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class KVHandle(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCATORS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     transport: str
     endpoints: _containers.RepeatedScalarFieldContainer[str]
@@ -57,7 +58,8 @@ class KVHandle(_message.Message):
     num_blocks: int
     num_bytes: int
     source_worker_id: str
-    def __init__(self, transfer_id: _Optional[str] = ..., transport: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ..., tp_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., source_worker_id: _Optional[str] = ...) -> None: ...
+    locators: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, transfer_id: _Optional[str] = ..., transport: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ..., tp_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_bytes: _Optional[int] = ..., source_worker_id: _Optional[str] = ..., locators: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "stop_token_id", "num_cached_tokens", "kv", "queue_ms", "prefill_ms")

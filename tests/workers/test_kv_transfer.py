@@ -17,7 +17,7 @@ import torch
 
 from workers.kv.handoff import KVPayload
 from workers.kv_transfer import KV_TRANSPORTS, KVTransferError, make_kv_transport
-from workers.kv_transfer.shm import ARENA_PREFIX, SHM_DIR, ShmKVTransport, remove_stale_arenas
+from workers.kv_transfer.shm import ARENA_PREFIX, QUARANTINE_S, SHM_DIR, ShmKVTransport, remove_stale_arenas
 from workers.kv_transfer.wire import recv_exact, recv_frame, send_frame
 
 FAST_S = 1.0  # an error that needs no waiting must come within this
@@ -67,8 +67,7 @@ def sender_main(name: str, commands: mp.Queue, replies: mp.Queue, fetched: mp.Qu
     replies.put((os.getpid(), transport.start()))
     for command, *args in iter(commands.get, None):
         if command == "offer":
-            transport.offer(args[0], make_payload(*args))
-            replies.put("offered")
+            replies.put(("offered", transport.offer(args[0], make_payload(*args))))
         elif command == "withdraw":
             replies.put(transport.withdraw(args[0]))
         elif command == "stats":
@@ -89,13 +88,15 @@ class Sender:
                                    daemon=True)
         self.process.start()
         self.pid, self.endpoint = self.replies.get(timeout=60)
+        self.locators: dict[str, str | None] = {}  # what each offer returned
 
     def call(self, *command):
         self.commands.put(command)
         return self.replies.get(timeout=10)
 
     def offer(self, transfer_id: str, dtype: str = "float32", num_blocks: int = 3) -> KVPayload:
-        assert self.call("offer", transfer_id, dtype, num_blocks) == "offered"
+        reply, self.locators[transfer_id] = self.call("offer", transfer_id, dtype, num_blocks)
+        assert reply == "offered"
         return make_payload(transfer_id, dtype, num_blocks)
 
     def stop(self) -> None:
@@ -136,6 +137,81 @@ def test_round_trip_is_bit_exact_and_acknowledged_once(sender, receiver, dtype):
         receiver.fetch(sender.endpoint, transfer_id, timeout_s=10)
     time.sleep(0.1)
     assert sender.fetched.empty(), "on_fetched fired more than once"
+
+
+def test_only_shm_offers_a_locator_for_one_sided_reads(sender):
+    sender.offer("where")
+    assert (sender.locators["where"] is not None) == (sender.name == "shm")
+    assert sender.call("withdraw", "where") is True
+
+
+@pytest.mark.parametrize("sender", ["shm"], indirect=True)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_sided_read_is_bit_exact_and_committed_in_the_background(sender, receiver, dtype):
+    transfer_id = f"direct-{dtype}"
+    want = sender.offer(transfer_id, dtype, num_blocks=300)
+    locator = sender.locators[transfer_id]
+    assert_same_payload(receiver.fetch(sender.endpoint, transfer_id, timeout_s=10, locator=locator), want)
+    assert sender.fetched.get(timeout=5) == transfer_id  # the commit frees it on the sender without waiting a lease
+    assert sender.call("stats")["bytes_sent"] >= want.num_bytes
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="no longer staged"):
+        receiver.fetch(sender.endpoint, transfer_id, timeout_s=10, locator=locator)
+    with pytest.raises(KVTransferError, match=f"'{transfer_id}' was fetched"):
+        receiver.fetch(sender.endpoint, transfer_id, timeout_s=10)
+    assert time.monotonic() - t0 < FAST_S
+    time.sleep(0.1)
+    assert sender.fetched.empty(), "on_fetched fired more than once"
+
+
+@pytest.mark.parametrize("sender", ["shm"], indirect=True)
+def test_one_sided_read_of_a_withdrawn_payload_fails_fast(sender, receiver):
+    sender.offer("withdrawn-direct")
+    assert sender.call("withdraw", "withdrawn-direct") is True
+    t0 = time.monotonic()
+    with pytest.raises(KVTransferError, match="'withdrawn-direct'.*no longer staged"):
+        receiver.fetch(sender.endpoint, "withdrawn-direct", timeout_s=10, locator=sender.locators["withdrawn-direct"])
+    assert time.monotonic() - t0 < FAST_S
+    time.sleep(0.1)
+    assert sender.fetched.empty()
+
+
+@pytest.mark.parametrize("sender", ["shm"], indirect=True)
+def test_bad_locators_are_refused_by_name(sender, receiver):
+    sender.offer("target")
+    path, offset, generation = sender.locators["target"].split("|")
+    for locator, problem in [("garbage", "is not path|offset|generation"),
+                             (f"/etc/passwd|0|{generation}", "is not a KV arena"),
+                             (f"{path}|{1 << 40}|{generation}", "lies outside the arena"),
+                             (f"{path}|{offset}|{int(generation) + 1}", "no longer staged")]:
+        with pytest.raises(KVTransferError, match=problem):
+            receiver.fetch(sender.endpoint, "target", timeout_s=10, locator=locator)
+    with pytest.raises(KVTransferError, match="the tcp transport reads no locator"):
+        make_kv_transport("tcp").fetch(sender.endpoint, "target", timeout_s=10, locator=sender.locators["target"])
+    assert_same_payload(receiver.fetch(sender.endpoint, "target", timeout_s=10), make_payload("target"))
+    assert sender.fetched.get(timeout=5) == "target"
+
+
+def test_shm_ranges_are_not_reused_until_their_quarantine_ends():
+    sender, receiver = ShmKVTransport(arena_bytes=64 << 20), make_kv_transport("shm")
+    try:
+        endpoint = sender.start()
+        first = sender.offer("first", make_payload("first"))
+        receiver.fetch(endpoint, "first", timeout_s=10, locator=first)
+        deadline = time.monotonic() + 5
+        while sender.stats["transfers_sent"] < 1:  # the commit arrives in the background
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        second = sender.offer("second", make_payload("second"))
+        assert second.split("|")[1] != first.split("|")[1], "a just released range was reused"
+        time.sleep(QUARANTINE_S + 0.1)
+        third = sender.offer("third", make_payload("third"))
+        assert third.split("|")[1] == first.split("|")[1], "a range past its quarantine was not reused"
+        for name, locator in (("second", second), ("third", third)):
+            assert_same_payload(receiver.fetch(endpoint, name, timeout_s=10, locator=locator), make_payload(name))
+    finally:
+        receiver.close()
+        sender.close()
 
 
 def test_unknown_and_withdrawn_ids_fail_fast(sender, receiver):

@@ -3,6 +3,13 @@
 The sender (prefill side) stages a payload under a transfer id with `offer`; the receiver (decode side), told the
 sender's endpoint and the id by the router, pulls it with `fetch`. The receiver acknowledges once it holds every
 byte; only then does the sender drop the payload and call `on_fetched`. A transfer is delivered at most once.
+
+A transport may also read a payload one-sided, without the sender's process taking part: `offer` then returns a
+locator (shm: where the payload lies in the sender's arena), which travels with the endpoint, and `fetch` given it
+copies the bytes itself and acknowledges afterwards, in the background. The sender's Python threads are then off the
+transfer's path (under load they wait for the GIL and a core behind the engine thread). The price: a payload
+withdrawn while a receiver reads it one-sided may still reach that receiver (it is intact: ranges are not reused for
+a grace period, and the receiver checks the payload's generation before and after its copy).
 """
 from __future__ import annotations
 
@@ -46,8 +53,9 @@ class KVTransport(ABC):
         """What `start` returned; None before it (and after `close`)."""
 
     @abstractmethod
-    def offer(self, transfer_id: str, payload: KVPayload) -> None:
-        """Stage `payload` to be fetched once. A CUDA kv tensor is copied to host memory here.
+    def offer(self, transfer_id: str, payload: KVPayload) -> str | None:
+        """Stage `payload` to be fetched once. A CUDA kv tensor is copied to host memory here. Returns the locator
+        a receiver passes to `fetch` to read it one-sided, or None where this transport or payload has none.
 
         Raises ValueError if `transfer_id` is already staged, KVTransferError if the transport is not serving.
         """
@@ -58,11 +66,13 @@ class KVTransport(ABC):
         receiver then gets KVTransferError instead of the payload."""
 
     @abstractmethod
-    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float) -> KVPayload:
-        """Pull a staged payload from `endpoint`, acknowledge it and return it with a CPU kv tensor.
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, locator: str | None = None) -> KVPayload:
+        """Pull a staged payload from `endpoint`, acknowledge it and return it with a CPU kv tensor. With the
+        `locator` its `offer` returned, read it one-sided where this transport can, and acknowledge it afterwards
+        in the background (see the module docstring); an empty or None locator asks the sender.
 
         Raises KVTransferError for an unknown, withdrawn or already fetched id, a refused or broken connection,
-        or when `timeout_s` runs out; it never blocks longer than `timeout_s`.
+        an unreadable locator, or when `timeout_s` runs out; it never blocks longer than `timeout_s`.
         """
 
     @abstractmethod

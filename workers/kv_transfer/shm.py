@@ -6,6 +6,14 @@ of it; `fetch` copies the range out into a new tensor and acknowledges, which fr
 the point: on the dev VM, filling fresh tmpfs pages runs at ~2 GiB/s (a file per transfer measured 1.4 GiB/s end to
 end, slower than tcp), a copy into warm ones at ~18 GiB/s.
 
+One-sided reads: a staged range holds, ahead of the kv, its generation (a u64 that names this staging; 0 once it is
+released) and the header and token ids, so a receiver given the locator `offer` returns ("path|offset|generation")
+reads the whole payload from the arena without the sender, then commits it in the background. It checks the
+generation before and after its copy, and refuses a copy that took longer than half of QUARANTINE_S: a released
+range is not reused for QUARANTINE_S, so no copy that passes can have read a range being overwritten.
+
+    range:  [generation u64][header_len u32][token_len u32][header JSON][token ids] ... [kv, 64-byte aligned]
+
 Memory: the arena is `arena_bytes` of address space (default 1 GiB); pages are reserved with fallocate as the
 high-water mark of staged bytes grows, and are kept until `close`. A payload that does not fit (arena full, or
 /dev/shm out of space) is sent inline over tcp instead. The receiver keeps each sender's arena mapped between
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import json
 import logging
 import mmap
 import os
@@ -31,7 +40,7 @@ import torch
 from workers.kv.handoff import KVPayload
 from workers.kv_transfer.base import KVTransferError, empty_host_bytes
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
-from workers.kv_transfer.wire import payload_header
+from workers.kv_transfer.wire import payload_from_header, payload_header
 
 if TYPE_CHECKING:
     from tandem.tls import TLSConfig
@@ -44,6 +53,8 @@ _ALIGN_BYTES = 64 << 10  # ranges start on 64 KiB: page-aligned copies, and a sh
 _RESERVE_STEP_BYTES = 64 << 20  # fallocate grows the reserved pages by at least this much
 _STALE_AGE_S = 10.0  # an unlocked arena younger than this may be one whose creator has not locked it yet
 _MAX_MAPPED_ARENAS = 16  # receiver side
+_PREAMBLE = np.dtype([("generation", "<u8"), ("header_len", "<u4"), ("token_len", "<u4")])
+QUARANTINE_S = 1.0  # a released range waits this long before reuse, so that one-sided readers never see it rewritten
 
 
 class ShmKVTransport(TcpKVTransport):
@@ -58,6 +69,8 @@ class ShmKVTransport(TcpKVTransport):
         self._arena_path: str | None = None
         self._reserved_bytes = 0  # [0, reserved) has pages allocated (fallocate): writes there cannot SIGBUS
         self._free: list[tuple[int, int]] = []  # (offset, num_bytes), sorted, coalesced
+        self._quarantine: list[tuple[float, int, int]] = []  # (reusable from, offset, num_bytes), oldest first
+        self._generation = secrets.randbits(62)  # of the last staging: unique per arena, never 0
         # Receiver side: arena path -> (inode, read-only mapping as uint8 array); under self._lock.
         self._mapped: dict[str, tuple[int, np.ndarray]] = {}
 
@@ -77,7 +90,7 @@ class ShmKVTransport(TcpKVTransport):
             arena = np.frombuffer(mmap.mmap(fd, self.arena_bytes), dtype=np.uint8)
             with self._lock:
                 self._arena, self._arena_fd, self._arena_path = arena, fd, path
-                self._free = [(0, self.arena_bytes)]
+                self._free, self._quarantine = [(0, self.arena_bytes)], []
             return super().start(host)
         except BaseException:
             self._drop_arena()
@@ -94,7 +107,7 @@ class ShmKVTransport(TcpKVTransport):
             fd, path = self._arena_fd, self._arena_path
             # Not unmapped explicitly: a thread still copying holds a reference, and the mapping goes with the last.
             self._arena = self._arena_fd = self._arena_path = None
-            self._free = []
+            self._free, self._quarantine = [], []
         if path is not None:
             try:
                 os.unlink(path)  # before closing the fd, which releases the lock that marks the file as in use
@@ -105,9 +118,15 @@ class ShmKVTransport(TcpKVTransport):
 
     def _stage(self, transfer_id: str, payload: KVPayload) -> Staged:
         num_bytes = payload.num_bytes
+        # The header's longest form (the offset written out below is shorter), to size the range before placing it.
+        header, token_bytes = payload_header(payload, shm={"path": self._arena_path, "offset": 10**19})
+        header_len = len(json.dumps(header, separators=(",", ":")))
+        kv_start = _align(_PREAMBLE.itemsize + header_len + len(token_bytes), 64)
         with self._lock:
             arena, path = self._arena, self._arena_path
-            offset = self._allocate(num_bytes) if arena is not None else None
+            offset = self._allocate(kv_start + num_bytes) if arena is not None else None
+            self._generation += 1
+            generation = self._generation
         if arena is None:
             problem = "the transport is closed" if self._closed else "the transport is not serving (call start() first)"
             raise KVTransferError(f"offer of transfer {transfer_id!r}: {problem}")
@@ -115,16 +134,26 @@ class ShmKVTransport(TcpKVTransport):
             log.info("shm arena full or out of /dev/shm: transfer %r (%d MiB) goes inline over tcp", transfer_id,
                      num_bytes >> 20)
             return super()._stage(transfer_id, payload)
-        staged = Staged(*payload_header(payload, shm={"path": path, "offset": offset}), num_bytes, kv=None,
-                        shm_range=(offset, num_bytes))
+        header["shm"] = {"path": path, "offset": offset + kv_start}
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        staged = Staged(header, token_bytes, num_bytes, kv=None, shm_range=(offset, kv_start + num_bytes),
+                        locator=f"{path}|{offset}|{generation}", generation=generation)
         try:
+            meta = arena[offset:offset + kv_start]
+            meta[_PREAMBLE.itemsize:_PREAMBLE.itemsize + len(header_bytes)] = np.frombuffer(header_bytes, np.uint8)
+            meta[_PREAMBLE.itemsize + len(header_bytes):][:len(token_bytes)] = np.frombuffer(token_bytes, np.uint8)
             # The one copy, from host or GPU memory straight into the shared pages. Host to host with numpy: a
             # plain memcpy, where torch's copy_ splits the work over its threads and waits for the slowest.
-            dst, src = arena[offset:offset + num_bytes], payload.kv.detach().reshape(-1).view(torch.uint8)
+            dst = arena[offset + kv_start:offset + kv_start + num_bytes]
+            src = payload.kv.detach().reshape(-1).view(torch.uint8)
             if src.device.type == "cpu":
                 np.copyto(dst, src.numpy())
             else:
                 torch.from_numpy(dst).copy_(src)
+            preamble = meta[:_PREAMBLE.itemsize].view(_PREAMBLE)
+            preamble["header_len"], preamble["token_len"] = len(header_bytes), len(token_bytes)
+            # Last, so that a reader who sees this generation sees everything before it (x86 keeps stores in order).
+            preamble["generation"] = generation
         except BaseException:
             self._unstage(staged)
             raise
@@ -135,11 +164,16 @@ class ShmKVTransport(TcpKVTransport):
             return
         with self._lock:
             if self._arena is not None:  # after close() the arena, and with it every range, is gone
-                self._release(*staged.shm_range)
+                offset, num_bytes = staged.shm_range
+                self._arena[offset:offset + 8].view(np.uint64)[0] = 0  # one-sided readers now refuse it
+                self._quarantine.append((time.monotonic() + QUARANTINE_S, offset, num_bytes))
 
     def _allocate(self, num_bytes: int) -> int | None:
         """First fit (low offsets first, to keep the reserved high-water mark low); None if it does not fit."""
-        size = -(-max(num_bytes, 1) // _ALIGN_BYTES) * _ALIGN_BYTES
+        now = time.monotonic()
+        while self._quarantine and self._quarantine[0][0] <= now:
+            self._release(*self._quarantine.pop(0)[1:])
+        size = _align(max(num_bytes, 1), _ALIGN_BYTES)
         for i, (offset, free_bytes) in enumerate(self._free):
             if free_bytes >= size:
                 if not self._reserve(offset + size):
@@ -163,7 +197,7 @@ class ShmKVTransport(TcpKVTransport):
         return True
 
     def _release(self, offset: int, num_bytes: int) -> None:
-        size = -(-max(num_bytes, 1) // _ALIGN_BYTES) * _ALIGN_BYTES
+        size = _align(max(num_bytes, 1), _ALIGN_BYTES)
         free = sorted(self._free + [(offset, size)])
         merged: list[tuple[int, int]] = []
         for start, length in free:
@@ -179,14 +213,55 @@ class ShmKVTransport(TcpKVTransport):
         if "shm" not in header:
             return super()._recv_kv(sock, header, deadline)  # the sender's arena was full: the bytes come inline
         path, offset, num_bytes = header["shm"]["path"], header["shm"]["offset"], header["kv_nbytes"]
-        if os.path.dirname(path) != SHM_DIR or not os.path.basename(path).startswith(ARENA_PREFIX):
-            raise ValueError(f"shm path {path!r} is not a KV arena")
-        arena = self._map_arena(path)
+        arena = self._arena_at(path)
         if offset < 0 or offset + num_bytes > len(arena):
             raise ValueError(f"shm range [{offset}, {offset + num_bytes}) lies outside the arena {path}")
         kv_bytes = empty_host_bytes(num_bytes)
         np.copyto(kv_bytes.numpy(), arena[offset:offset + num_bytes])
         return kv_bytes
+
+    def _read_direct(self, locator: str, deadline: float) -> tuple[KVPayload, int]:
+        path, sep, rest = locator.partition("|")
+        offset, sep2, generation = rest.partition("|")
+        if not (sep and sep2 and offset.isdigit() and generation.isdigit()):
+            raise ValueError(f"shm locator {locator[:200]!r} is not path|offset|generation")
+        offset, generation = int(offset), int(generation)
+        arena = self._arena_at(path)
+        if offset + _PREAMBLE.itemsize > len(arena):
+            raise ValueError(f"shm range at {offset} lies outside the arena {path}")
+        started = time.monotonic()
+
+        def check_generation() -> np.void:
+            preamble = arena[offset:offset + _PREAMBLE.itemsize].view(_PREAMBLE)[0]
+            if int(preamble["generation"]) != generation:
+                raise ValueError("the payload is no longer staged (withdrawn, expired or already fetched)")
+            return preamble
+
+        preamble = check_generation()
+        meta_start = offset + _PREAMBLE.itemsize
+        header_len, token_len = int(preamble["header_len"]), int(preamble["token_len"])
+        if meta_start + header_len + token_len > len(arena):
+            raise ValueError(f"shm header at {offset} runs past the arena {path}")
+        header = json.loads(arena[meta_start:meta_start + header_len].tobytes())
+        token_bytes = arena[meta_start + header_len:meta_start + header_len + token_len].tobytes()
+        kv_offset, num_bytes = header["shm"]["offset"], header["kv_nbytes"]
+        if kv_offset < meta_start or kv_offset + num_bytes > len(arena):
+            raise ValueError(f"shm kv range [{kv_offset}, {kv_offset + num_bytes}) lies outside the arena {path}")
+        kv_bytes = empty_host_bytes(num_bytes)
+        np.copyto(kv_bytes.numpy(), arena[kv_offset:kv_offset + num_bytes])
+        check_generation()
+        now = time.monotonic()
+        if now - started > QUARANTINE_S / 2:
+            raise ValueError(f"the copy took {now - started:.2f} s, longer than the {QUARANTINE_S / 2:g} s a "
+                             f"released range is guaranteed to stay intact")
+        if now > deadline:
+            raise TimeoutError("deadline passed during the copy")
+        return payload_from_header(header, token_bytes, kv_bytes), generation
+
+    def _arena_at(self, path: str) -> np.ndarray:
+        if os.path.dirname(path) != SHM_DIR or not os.path.basename(path).startswith(ARENA_PREFIX):
+            raise ValueError(f"shm path {path!r} is not a KV arena")
+        return self._map_arena(path)
 
     def _map_arena(self, path: str) -> np.ndarray:
         """The sender's arena, mapped read-only; kept mapped while its file exists."""
@@ -243,6 +318,10 @@ class ShmKVTransport(TcpKVTransport):
             np.copyto(dst, shared)
             best_s = min(best_s, time.perf_counter() - t0)
         return nbytes / best_s
+
+
+def _align(num_bytes: int, alignment: int) -> int:
+    return -(-num_bytes // alignment) * alignment
 
 
 def remove_stale_arenas(shm_dir: str = SHM_DIR) -> list[str]:

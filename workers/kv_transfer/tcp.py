@@ -5,12 +5,14 @@ the cluster CA, the receiver verifies the sender's certificate against the endpo
 
 Threads, sender side: one accept thread, and one thread per open connection (each connection serves one fetch at a
 time, so concurrent fetches use separate connections). Receiver side: `fetch` runs on the caller's thread and keeps
-the connection for the next fetch from the same endpoint.
+the connection for the next fetch from the same endpoint; the commits of one-sided reads (a subclass's
+`_read_direct`: shm) go out from one background thread, in the order the reads finished.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import socket
 import ssl
 import subprocess
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _NUM_REMEMBERED_IDS = 4096  # fetched / withdrawn ids kept to say why a later fetch of one fails
+_MAX_PENDING_COMMITS = 1024  # receiver side; past this a commit is dropped and the sender's lease frees the payload
+_COMMIT_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass
@@ -46,7 +50,10 @@ class Staged:
     num_bytes: int
     kv: torch.Tensor | None  # contiguous CPU kv to send inline; None when it waits elsewhere (shm: in the arena)
     in_flight: bool = False  # a connection is sending it: a second fetch is refused rather than served twice
-    shm_range: tuple[int, int] | None = None  # shm: (offset, num_bytes) of the kv in the sender's arena
+    shm_range: tuple[int, int] | None = None  # shm: (offset, num_bytes) of the staged range in the sender's arena
+    # One-sided reads: what offer() returns, and the generation a "commit" must name (a reused id is a new one).
+    locator: str | None = None
+    generation: int = 0
 
 
 class TcpKVTransport(KVTransport):
@@ -69,6 +76,7 @@ class TcpKVTransport(KVTransport):
         self._endpoint: str | None = None
         self._closed = False
         self._idle: dict[str, list[socket.socket]] = {}  # receiver side: endpoint -> pooled connections
+        self._commits: queue.Queue | None = None  # receiver side: (endpoint, transfer_id, generation) to commit
 
     # --- sender side ------------------------------------------------------------------------------------
 
@@ -96,7 +104,7 @@ class TcpKVTransport(KVTransport):
     def endpoint(self) -> str | None:
         return self._endpoint
 
-    def offer(self, transfer_id: str, payload: KVPayload) -> None:
+    def offer(self, transfer_id: str, payload: KVPayload) -> str | None:
         staged = self._stage(transfer_id, payload)
         with self._lock:
             problem = ("the transport is closed" if self._closed else
@@ -104,7 +112,7 @@ class TcpKVTransport(KVTransport):
             if problem is None and transfer_id not in self._staged:
                 self._staged[transfer_id] = staged
                 self._finished.pop(transfer_id, None)
-                return
+                return staged.locator
         self._unstage(staged)
         if problem is not None:
             raise KVTransferError(f"offer of transfer {transfer_id!r}: {problem}")
@@ -129,6 +137,9 @@ class TcpKVTransport(KVTransport):
             staged, self._staged = list(self._staged.values()), {}
             listener, conns = self._listener, list(self._server_conns)
             idle, self._idle = self._idle, {}
+            commits = self._commits
+        if commits is not None:
+            commits.put(None)  # the committer sends what is queued before it, then stops
         # shutdown() wakes a thread blocked in accept() or recv() on the socket; that thread then closes it.
         for sock in ([listener] if listener is not None else []) + conns:
             _shutdown(sock)
@@ -163,10 +174,14 @@ class TcpKVTransport(KVTransport):
             while True:
                 conn.settimeout(None)  # an idle pooled connection may wait for its next request indefinitely
                 request = recv_frame(conn)
-                if request.get("op") != "fetch" or not isinstance(request.get("transfer_id"), str):
+                op, transfer_id = request.get("op"), request.get("transfer_id")
+                if op not in ("fetch", "commit") or not isinstance(transfer_id, str):
                     raise ConnectionError(f"unexpected request {request!r}")
                 conn.settimeout(self.STALL_TIMEOUT_S)  # from here on, a receiver that stops reading is dropped
-                self._serve_fetch(conn, request["transfer_id"])
+                if op == "fetch":
+                    self._serve_fetch(conn, transfer_id)
+                else:
+                    self._serve_commit(conn, transfer_id, request.get("generation"))
         except (OSError, ValueError) as e:  # the receiver left (the usual end of a pooled connection) or failed
             log.debug("kv %s: connection closed: %s", self.name, e)
         except Exception:
@@ -219,15 +234,33 @@ class TcpKVTransport(KVTransport):
             with self._lock:
                 staged.in_flight = False
             raise
+        if not self._commit(transfer_id, staged):
+            send_frame(conn, {"ok": False, "error": f"transfer {transfer_id!r} was withdrawn during the transfer"})
+            return
+        send_frame(conn, {"ok": True})
+        self._finish_commit(transfer_id, staged)
+
+    def _serve_commit(self, conn: socket.socket, transfer_id: str, generation) -> None:
+        """A receiver read the payload one-sided and holds every byte: drop it as an acknowledged fetch would."""
+        with self._lock:
+            staged = self._staged.get(transfer_id)
+        if staged is None or staged.generation != generation or not self._commit(transfer_id, staged):
+            # Withdrawn (its lease ran out), or an older payload under a reused id: the receiver's copy stands anyway.
+            send_frame(conn, {"ok": False, "error": f"transfer {transfer_id!r} is no longer staged"})
+            return
+        send_frame(conn, {"ok": True})
+        self._finish_commit(transfer_id, staged)
+
+    def _commit(self, transfer_id: str, staged: Staged) -> bool:
+        """Take `staged` out of the staged set as fetched; False if it was withdrawn (or replaced) meanwhile."""
         with self._lock:
             committed = self._staged.get(transfer_id) is staged
             if committed:
                 del self._staged[transfer_id]
                 self._remember(transfer_id, "fetched")
-        if not committed:
-            send_frame(conn, {"ok": False, "error": f"transfer {transfer_id!r} was withdrawn during the transfer"})
-            return
-        send_frame(conn, {"ok": True})
+        return committed
+
+    def _finish_commit(self, transfer_id: str, staged: Staged) -> None:
         self._unstage(staged)
         self._stats.add_sent(staged.num_bytes)
         if self.on_fetched is not None:
@@ -245,13 +278,23 @@ class TcpKVTransport(KVTransport):
 
     # --- receiver side ----------------------------------------------------------------------------------
 
-    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float) -> KVPayload:
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, locator: str | None = None) -> KVPayload:
         start = time.monotonic()
         deadline = start + timeout_s
         what = f"{self.name} fetch of transfer {transfer_id!r} from {endpoint}"
+        if locator:
+            try:
+                payload, generation = self._read_direct(locator, deadline)
+            except TimeoutError:
+                raise KVTransferError(f"{what}: timed out after {timeout_s:g} s") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise KVTransferError(f"{what}: {type(e).__name__}: {e}") from e
+            self._stats.add_received(payload.num_bytes, time.monotonic() - start)
+            self._queue_commit(endpoint, transfer_id, generation)
+            return payload
         sock = None
         try:
-            sock, header = self._request(endpoint, transfer_id, deadline)
+            sock, header = self._request(endpoint, {"op": "fetch", "transfer_id": transfer_id}, deadline)
             if not header.get("ok"):
                 self._release_connection(endpoint, sock)
                 sock = None
@@ -275,9 +318,8 @@ class TcpKVTransport(KVTransport):
         self._stats.add_received(payload.num_bytes, time.monotonic() - start)
         return payload
 
-    def _request(self, endpoint: str, transfer_id: str, deadline: float) -> tuple[socket.socket, dict]:
-        """Send the fetch request on a pooled or new connection; return it with the reply's header."""
-        request = {"op": "fetch", "transfer_id": transfer_id}
+    def _request(self, endpoint: str, request: dict, deadline: float) -> tuple[socket.socket, dict]:
+        """Send `request` on a pooled or new connection; return it with the reply (a fetch's: the header)."""
         with self._lock:
             pooled = self._idle.get(endpoint)
             sock = pooled.pop() if pooled else None
@@ -297,6 +339,46 @@ class TcpKVTransport(KVTransport):
         except BaseException:
             sock.close()
             raise
+
+    def _read_direct(self, locator: str, deadline: float) -> tuple[KVPayload, int]:
+        """Read a payload one-sided from what `offer` returned; return it with its generation. Transports that
+        can (shm) override this; ValueError for a locator this transport does not read."""
+        raise ValueError(f"the {self.name} transport reads no locator (got {locator[:40]!r})")
+
+    def _queue_commit(self, endpoint: str, transfer_id: str, generation: int) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._commits is None:
+                self._commits = queue.Queue(_MAX_PENDING_COMMITS)
+                threading.Thread(target=self._commit_loop, args=(self._commits,), name=f"kv-{self.name}-commit",
+                                 daemon=True).start()
+            commits = self._commits
+        try:
+            commits.put_nowait((endpoint, transfer_id, generation))
+        except queue.Full:
+            log.warning("kv %s: %d commits pending; dropped that of %r (the sender frees it when its lease ends)",
+                        self.name, _MAX_PENDING_COMMITS, transfer_id)
+
+    def _commit_loop(self, commits: queue.Queue) -> None:
+        """Tell each sender, in turn, that a payload read one-sided has arrived, so that it frees it now rather
+        than when its lease runs out. A failure costs the sender only that wait: logged, not raised."""
+        for endpoint, transfer_id, generation in iter(commits.get, None):
+            sock = None
+            try:
+                deadline = time.monotonic() + _COMMIT_TIMEOUT_S
+                sock, reply = self._request(endpoint, {"op": "commit", "transfer_id": transfer_id,
+                                                       "generation": generation}, deadline)
+                self._release_connection(endpoint, sock)
+                sock = None
+                if not reply.get("ok"):
+                    log.debug("kv %s: commit of %r at %s: %s", self.name, transfer_id, endpoint, reply.get("error"))
+            except Exception as e:
+                log.warning("kv %s: commit of %r at %s failed: %s: %s", self.name, transfer_id, endpoint,
+                            type(e).__name__, e)
+            finally:
+                if sock is not None:
+                    sock.close()
 
     def _release_connection(self, endpoint: str, sock: socket.socket) -> None:
         """Keep a connection that stands at a frame boundary for the next fetch from `endpoint`."""
