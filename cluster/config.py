@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from tandem.tls import TLSConfig
 from workers.config import EngineConfig
-from workers.kv_transfer import KV_TRANSPORTS, nixl
+from workers.kv_transfer import KV_TRANSPORTS, cuda_ipc, nixl
 
 KV_OFFLOAD = ("auto", "on", "off")
 
@@ -77,6 +77,8 @@ class ClusterConfig:
             raise ValueError(f"kv_transport: must be one of auto, {', '.join(KV_TRANSPORTS)}, got {self.kv_transport!r}")
         if self.kv_transport == "nixl":
             nixl.nixl_api()  # ValueError naming kv_transport, now rather than in every worker
+        if self.kv_transport == "cuda_ipc":
+            cuda_ipc.require_cuda()  # the same, for a cluster that has no GPU to move KV between
         for name in ("num_prefill_workers", "num_decode_workers", "num_colocated_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")

@@ -26,8 +26,9 @@ try:
     NIXL_MISSING = None
 except ImportError as e:
     NIXL_MISSING = f"nixl_cu13 is not importable ({e}): pip install 'nixl-cu13==1.5.1' to test the nixl transport"
-# Every transport, the nixl one skipped where its library is missing.
-TRANSPORTS = [pytest.param(name, marks=pytest.mark.skipif(name == "nixl" and NIXL_MISSING is not None,
+# Every transport, the nixl one skipped where its library is missing; cuda_ipc is a gpu test (skipped without CUDA).
+TRANSPORTS = [pytest.param(name, marks=pytest.mark.gpu) if name == "cuda_ipc" else
+              pytest.param(name, marks=pytest.mark.skipif(name == "nixl" and NIXL_MISSING is not None,
                                                           reason=NIXL_MISSING or "")) for name in KV_TRANSPORTS]
 
 
@@ -42,14 +43,19 @@ def make_payload(request_id: str, dtype: str = "float32", num_blocks: int = 3, b
                      num_computed_tokens=num_tokens, num_cached_tokens=block_size, kv=kv)
 
 
-def assert_same_payload(got: KVPayload, want: KVPayload) -> None:
+def landing_device(name: str) -> str:
+    """Where a fetch over transport `name` puts the kv: cuda_ipc keeps it on the GPU, the others return it on the CPU."""
+    return "cuda" if name == "cuda_ipc" else "cpu"
+
+
+def assert_same_payload(got: KVPayload, want: KVPayload, device: str = "cpu") -> None:
     for field in ("request_id", "model", "block_size", "dtype", "tp_rank", "tp_size", "num_kv_heads_total", "layout",
                   "prompt_token_ids", "output_token_ids", "num_computed_tokens", "num_cached_tokens"):
         assert getattr(got, field) == getattr(want, field), field
-    assert got.kv.device.type == "cpu"
+    assert got.kv.device.type == device
     assert got.kv.dtype == want.kv.dtype and got.kv.shape == want.kv.shape
     int_dtype = {2: torch.int16, 4: torch.int32}[want.kv.element_size()]
-    assert torch.equal(got.kv.view(int_dtype), want.kv.view(int_dtype)), "kv differs bit for bit"
+    assert torch.equal(got.kv.cpu().view(int_dtype), want.kv.cpu().view(int_dtype)), "kv differs bit for bit"
 
 
 def arenas_of(pid: int) -> list[str]:
@@ -128,7 +134,7 @@ def test_round_trip_is_bit_exact_and_acknowledged_once(sender, receiver, dtype):
     transfer_id = f"rt-{dtype}"
     want = sender.offer(transfer_id, dtype)
     got = receiver.fetch(sender.endpoint, transfer_id, timeout_s=10)
-    assert_same_payload(got, want)
+    assert_same_payload(got, want, landing_device(sender.name))
     assert sender.fetched.get(timeout=5) == transfer_id
     assert receiver.stats["transfers_received"] == 1 and receiver.stats["bytes_received"] == want.num_bytes
     sent = sender.call("stats")
@@ -233,7 +239,7 @@ def test_concurrent_fetches_from_threads(sender, receiver):
     with ThreadPoolExecutor(len(ids)) as pool:
         gots = dict(zip(ids, pool.map(lambda i: receiver.fetch(sender.endpoint, i, timeout_s=10), ids)))
     for i in ids:
-        assert_same_payload(gots[i], wants[i])
+        assert_same_payload(gots[i], wants[i], landing_device(sender.name))
     assert sorted(sender.fetched.get(timeout=5) for _ in ids) == sorted(ids)
 
 
@@ -253,7 +259,7 @@ def test_a_receiver_dying_mid_transfer_leaves_the_payload_staged(sender, receive
         except KVTransferError as e:
             assert "already being fetched" in str(e) and time.monotonic() < deadline
             time.sleep(0.05)
-    assert_same_payload(got, want)
+    assert_same_payload(got, want, landing_device(sender.name))
     assert sender.fetched.get(timeout=5) == "orphan"
 
 
@@ -264,7 +270,7 @@ def test_withdraw_during_a_transfer_is_not_committed(sender):
         send_frame(sock, {"op": "fetch", "transfer_id": "late"})
         header = recv_frame(sock)
         recv_exact(sock, (header["num_prompt_tokens"] + header["num_output_tokens"]) * 8)
-        if "shm" not in header and "nixl" not in header:  # those leave the kv bytes where they are
+        if not {"shm", "nixl", "cuda_ipc"} & set(header):  # those leave the kv bytes where they are
             recv_exact(sock, header["kv_nbytes"])
         assert sender.call("withdraw", "late") is True
         send_frame(sock, {"op": "ack", "transfer_id": "late"})
@@ -340,7 +346,7 @@ def test_offer_checks_its_arguments():
 
 
 def test_make_kv_transport_rejects_unknown_names():
-    with pytest.raises(ValueError, match="kv_transport: must be one of tcp, shm, nixl, got 'nope'"):
+    with pytest.raises(ValueError, match="kv_transport: must be one of tcp, shm, nixl, cuda_ipc, got 'nope'"):
         make_kv_transport("nope")
 
 
@@ -422,7 +428,7 @@ def test_nixl_and_tcp_peers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", TRANSPORTS)
+@pytest.mark.parametrize("name", [p for p in TRANSPORTS if p.values[0] != "cuda_ipc"])  # it stays on the GPU
 def test_a_cuda_payload_arrives_on_the_cpu(name):
     sender, receiver = make_kv_transport(name), make_kv_transport(name)
     endpoint = sender.start()

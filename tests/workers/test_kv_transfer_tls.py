@@ -7,7 +7,7 @@ import pytest
 
 from tandem.tls import TLSConfig
 from tests.tls_certs import INTERNAL_NAME, certs  # noqa: F401 - fixture
-from tests.workers.test_kv_transfer import TRANSPORTS, Sender, assert_same_payload, make_payload
+from tests.workers.test_kv_transfer import TRANSPORTS, Sender, assert_same_payload, landing_device, make_payload
 from workers.kv_transfer import KVTransferError, make_kv_transport
 
 
@@ -36,7 +36,8 @@ def test_round_trips_are_bit_exact_over_mutual_tls(tls_sender, certs):
     try:
         for transfer_id in ("tls-1", "tls-2"):  # the second one reuses the pooled TLS connection
             want = tls_sender.offer(transfer_id, "bfloat16")
-            assert_same_payload(receiver.fetch(tls_sender.endpoint, transfer_id, timeout_s=10), want)
+            got = receiver.fetch(tls_sender.endpoint, transfer_id, timeout_s=10)
+            assert_same_payload(got, want, landing_device(tls_sender.name))
             assert tls_sender.fetched.get(timeout=5) == transfer_id
     finally:
         receiver.close()
@@ -52,7 +53,7 @@ def test_receivers_without_the_cluster_certificate_are_refused_and_the_payload_s
     with pytest.raises(KVTransferError, match="certificate verify failed"):  # does not trust the sender
         fetch_with(name, TLSConfig.internal(certs.client_cert, certs.client_key, certs.rogue_ca), endpoint, "guarded")
     assert tls_sender.fetched.empty()
-    assert_same_payload(fetch_with(name, cluster_tls(certs), endpoint, "guarded"), want)
+    assert_same_payload(fetch_with(name, cluster_tls(certs), endpoint, "guarded"), want, landing_device(name))
     assert tls_sender.fetched.get(timeout=5) == "guarded"
 
 
