@@ -2,19 +2,26 @@
 against the transport's raw data path (`measure_raw_bandwidth`).
 
 A sender process starts the transport and, per transfer, builds a fresh bfloat16 payload shaped like a llama-3-8B
-TP=1 shard (32 layers, 8 kv heads, head_dim 128, block 16: 2 MiB per block) and offers it; this process fetches it.
+TP=1 shard (32 layers, 8 kv heads, head_dim 128, block 16: 2 MiB per block; 256 MiB is a 2048-token prompt) and
+offers it; this process fetches it. For cuda_ipc the payload is made on the GPU, as a GPU prefill engine's is, and
+the fetch returns it on this process's GPU.
 
-    offer      time of `offer` in the sender (tcp: nothing to copy; shm: the copy into the shared segment)
+    offer      time of `offer` in the sender (tcp: nothing to copy; shm: the copy into the shared segment;
+               cuda_ipc: the device-to-device copy into the sender's arena)
     fetch      time of `fetch` in the receiver, from the request to the returned payload
     end-to-end offer + fetch: from a prefill's finished tensor to the decode side holding it
 
 Times are medians over --repeats transfers (after one warm-up transfer per size); raw is the best of as many. Raw
 covers the same copies as end-to-end (tcp: the socket path; shm: into shared memory and out; nixl: one NIXL READ
 between two processes' registered, warm buffers), so compare the two. nixl runs only where nixl-cu13 is installed.
+cuda_ipc's raw is one device-to-device copy between two warm buffers, the copy its fetch makes out of the sender's
+arena, so compare its fetch with raw (fetch / raw); it runs only where torch sees a GPU, and its rates are also given
+in TB/s (10^12 bytes/s).
 
     python benchmarks/bench_kv_transfer.py                 # every installed transport, 4/16/64/256 MiB
     python benchmarks/bench_kv_transfer.py --markdown      # also print a markdown table
     python benchmarks/bench_kv_transfer.py --tls           # with mutual TLS (internal_tls), certificates from trustme
+    python benchmarks/bench_kv_transfer.py --transports cuda_ipc --sizes-mib 256   # GPU to GPU, llama-3-8B 2k prompt
 """
 from __future__ import annotations
 
@@ -46,9 +53,10 @@ BLOCK_BYTES = NUM_LAYERS * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 2  # bfloa
 FILL = 1.5  # exactly representable in bfloat16: the receiver checks it
 
 
-def make_payload(request_id: str, kv_bytes: int) -> KVPayload:
+def make_payload(request_id: str, kv_bytes: int, device: str = "cpu") -> KVPayload:
     num_blocks = max(1, kv_bytes // BLOCK_BYTES)
-    kv = torch.full((NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), FILL, dtype=torch.bfloat16)
+    kv = torch.full((NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), FILL, dtype=torch.bfloat16,
+                    device=device)
     num_tokens = num_blocks * BLOCK_SIZE
     return KVPayload(request_id=request_id, model="bench", block_size=BLOCK_SIZE, dtype="bfloat16", tp_rank=0,
                      tp_size=1, num_kv_heads_total=NUM_KV_HEADS, prompt_token_ids=list(range(num_tokens - 1)),
@@ -61,13 +69,20 @@ def sender_main(transport_name: str, commands: mp.Queue, replies: mp.Queue, tls=
     transport = make_kv_transport(transport_name, tls=tls)
     replies.put(transport.start())
     for transfer_id, kv_bytes in iter(commands.get, None):
-        payload = make_payload(transfer_id, kv_bytes)
+        payload = make_payload(transfer_id, kv_bytes, payload_device(transport_name))
+        if payload.kv.is_cuda:
+            torch.cuda.synchronize()  # the fill is done before the offer is timed
         t0 = time.perf_counter()
         transport.offer(transfer_id, payload)
         offer_s = time.perf_counter() - t0
         del payload  # freed before the fetch starts, so that the free does not slow the sender's reply
         replies.put(offer_s)
     transport.close()
+
+
+def payload_device(transport_name: str) -> str:
+    """Where the sender makes its payloads: on the GPU for cuda_ipc, in host memory for the others."""
+    return "cuda" if transport_name == "cuda_ipc" else "cpu"
 
 
 def bench_transport(name: str, sizes_mib: list[int], repeats: int, tls=None) -> list[dict]:
@@ -97,7 +112,10 @@ def bench_transport(name: str, sizes_mib: list[int], repeats: int, tls=None) -> 
             raw = type(receiver).measure_raw_bandwidth(num_bytes, repeats=repeats)
             rows.append(dict(transport=label, size_mib=num_bytes / MIB, offer_ms=offer * 1e3, fetch_ms=fetch * 1e3,
                              fetch_gib_s=num_bytes / fetch / GIB, end_to_end_gib_s=num_bytes / (offer + fetch) / GIB,
-                             raw_gib_s=raw / GIB, end_to_end_vs_raw=num_bytes / (offer + fetch) / raw))
+                             raw_gib_s=raw / GIB, end_to_end_vs_raw=num_bytes / (offer + fetch) / raw,
+                             fetch_tb_s=num_bytes / fetch / 1e12, raw_tb_s=raw / 1e12,
+                             fetch_vs_raw=num_bytes / fetch / raw,
+                             kv_device=payload_device(name)))
             print(_format_row(rows[-1]), flush=True)
     finally:
         commands.put(None)
@@ -109,13 +127,14 @@ def bench_transport(name: str, sizes_mib: list[int], repeats: int, tls=None) -> 
 
 
 COLUMNS = ("transport", "size MiB", "offer ms", "fetch ms", "fetch GiB/s", "end-to-end GiB/s", "raw GiB/s",
-           "end-to-end / raw")
+           "end-to-end / raw", "fetch TB/s", "raw TB/s", "fetch / raw")
 
 
 def _cells(row: dict) -> list[str]:
-    return [row["transport"], f"{row['size_mib']:.0f}", f"{row['offer_ms']:.1f}", f"{row['fetch_ms']:.1f}",
+    return [row["transport"], f"{row['size_mib']:.0f}", f"{row['offer_ms']:.2f}", f"{row['fetch_ms']:.2f}",
             f"{row['fetch_gib_s']:.2f}", f"{row['end_to_end_gib_s']:.2f}", f"{row['raw_gib_s']:.2f}",
-            f"{row['end_to_end_vs_raw']:.0%}"]
+            f"{row['end_to_end_vs_raw']:.0%}", f"{row['fetch_tb_s']:.3f}", f"{row['raw_tb_s']:.3f}",
+            f"{row['fetch_vs_raw']:.0%}"]
 
 
 def _format_row(row: dict) -> str:
@@ -129,7 +148,7 @@ def format_markdown(rows: list[dict]) -> str:
 
 
 def available_transports() -> list[str]:
-    """KV_TRANSPORTS less those whose library is missing here (nixl without nixl-cu13)."""
+    """KV_TRANSPORTS less those that cannot run here (nixl without nixl-cu13, cuda_ipc without a GPU)."""
     names = []
     for name in KV_TRANSPORTS:
         try:

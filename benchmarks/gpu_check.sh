@@ -7,8 +7,9 @@
 # Parts, in order, each under its own `timeout` and all under one deadline (GPU_CHECK_BUDGET_S, default 290 s;
 # a part never gets more than is left, and one with under 5 s left is skipped). GPU_CHECK_PARTS=engine,hf runs
 # only the parts named (a rerun with what is left of a lease); GPU_CHECK_TESTS_S, _ENGINE_S, _EAGER_S,
-# _PROFILE_S, _PROFILE_EAGER_S, _ATTENTION_S, _HF_S, _HF_STATIC_S override each part's cap (seconds, the default
-# in brackets below). A failing part doesn't stop the rest. Each writes OUT_DIR/<part>.log, and its results:
+# _PROFILE_S, _PROFILE_EAGER_S, _ATTENTION_S, _KV_CUDA_IPC_S, _HF_S, _HF_STATIC_S override each part's cap (seconds,
+# the default in brackets below). A failing part doesn't stop the rest. Each writes OUT_DIR/<part>.log, and its
+# results:
 #   env            env.json: date, nvidia-smi, python, torch/triton/transformers/gguf versions, git commit [30]
 #   gpu-tests      pytest -m gpu over the test files that mark gpu tests; gpu-tests.xml (junit) [90]
 #   engine         bench_engine.py --gpu, batch 1,64,256; engine.json [90]
@@ -16,6 +17,10 @@
 #   profile        profile_decode.py, batch 1 and 64 with CUDA graphs; profile.json [25]
 #   profile-eager  profile_decode.py --enforce-eager, batch 1; profile-eager.json [15]
 #   attention      bench_attention.py, if it exists; attention.json [20]
+#   kv-cuda-ipc    bench_kv_transfer.py --transports cuda_ipc at 256 MiB (a llama-3-8B 2048-token hand-off, GPU to
+#                  GPU between two processes: fetch GB/s and TB/s against a device-to-device copy); skipped where
+#                  torch sees no GPU (so in a CPU smoke run; a smoke run on a GPU moves 4 MiB once);
+#                  kv-cuda-ipc.json [30]
 #   hf             bench_hf_gpu.py: transformers eager at batch 1,64,256; hf.json [45]
 #   hf-static      only with GPU_CHECK_HF_STATIC=1: transformers static cache, compiled, batch 1; hf-static.json [60]
 # and last OUT_DIR/summary.json: per part its rc ("skipped" or a number; 124/137 = timed out), seconds, the
@@ -168,12 +173,14 @@ if [ "$SMOKE" = 1 ]; then
              --kv-cache-memory-bytes 16777216)
     PROFILE_BATCHES=1,2; PROFILE_SIZES=()
     HF=(--device cpu --tiny --decode-tokens 4 --static); HF_BATCHES=1,2  # static: no compile on CPU
+    KV_CUDA_IPC=(--sizes-mib 4 --repeats 1)
 else
     ENGINE=(--gpu --max-num-seqs 256 --max-num-batched-tokens 8192)
     ENGINE_BATCHES=1,64,256; EAGER_BATCHES=1,64
     PROFILE=()
     PROFILE_BATCHES=1,64; PROFILE_SIZES=(--cudagraph-capture-sizes 1,64)  # capture only what is profiled
     HF=(--decode-tokens 128); HF_BATCHES=1,64,256
+    KV_CUDA_IPC=(--sizes-mib 256 --repeats 5)  # 256 MiB: llama-3-8B's KV for 2048 tokens
 fi
 
 run_part env 30 "$PY" -c "$ENV_PY" "$OUT_DIR/env.json"
@@ -199,6 +206,14 @@ elif [ -f benchmarks/bench_attention.py ]; then
         --output "$OUT_DIR/attention.json"
 else
     skip_part attention "benchmarks/bench_attention.py does not exist"
+fi
+if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ ",$GPU_CHECK_PARTS," != *",kv-cuda-ipc,"* ]]; then
+    skip_part kv-cuda-ipc "not in GPU_CHECK_PARTS=$GPU_CHECK_PARTS"
+elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    skip_part kv-cuda-ipc "torch sees no CUDA device: cuda_ipc moves KV between GPUs"
+else
+    run_part kv-cuda-ipc "${GPU_CHECK_KV_CUDA_IPC_S:-30}" "$PY" benchmarks/bench_kv_transfer.py \
+        --transports cuda_ipc "${KV_CUDA_IPC[@]}" --output "$OUT_DIR/kv-cuda-ipc.json"
 fi
 run_part hf "${GPU_CHECK_HF_S:-45}" "$PY" benchmarks/bench_hf_gpu.py "${HF[@]}" --batch-sizes "$HF_BATCHES" \
     --output "$OUT_DIR/hf.json"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.profile_decode import summarize_trace, union_us
 
@@ -90,3 +91,16 @@ def test_smoke_hf_bench_measures_eager_and_static(smoke_out):
     runs = {(r["mode"], r["batch_size"]): r for r in hf["results"]}
     assert set(runs) == {("eager", 1), ("eager", 2), ("static", 1)}
     assert all(r["error"] is None and r["tok_s"] > 0 for r in runs.values())
+
+
+def test_the_kv_cuda_ipc_part_runs_only_where_torch_sees_a_gpu(tmp_path):
+    env = {**os.environ, "GPU_CHECK_SMOKE": "1", "GPU_CHECK_MODEL": "unused", "PYTHON": sys.executable,
+           "GPU_CHECK_PARTS": "kv-cuda-ipc"}
+    subprocess.run(["bash", str(SCRIPT), str(tmp_path)], cwd=REPO, env=env, check=True, timeout=120,
+                   capture_output=True)
+    part = json.loads((tmp_path / "summary.json").read_text())["parts"]["kv-cuda-ipc"]
+    if torch.cuda.is_available():  # a smoke run on a GPU: one 4 MiB transfer
+        assert part["rc"] == 0, part["log_tail"]
+        assert [row["transport"] for row in part["result"]["rows"]] == ["cuda_ipc"]
+    else:
+        assert part["rc"] == "skipped" and "no CUDA device" in part["log_tail"][0]

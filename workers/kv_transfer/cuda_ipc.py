@@ -97,8 +97,8 @@ class CudaIpcKVTransport(TcpKVTransport):
         try:
             arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=device)
         except torch.cuda.OutOfMemoryError as e:
-            raise KVTransferError(f"cuda_ipc transport: no room for its {self.arena_bytes / (1 << 20):.0f} MiB arena on "
-                                  f"{device}; lower arena_bytes or the engine's memory, or use kv_transport 'shm' "
+            raise KVTransferError(f"cuda_ipc transport: no room for its {self.arena_bytes / (1 << 20):.0f} MiB arena "
+                                  f"on {device}; lower arena_bytes or the engine's memory, or use kv_transport 'shm' "
                                   f"({e})") from None
         export = export_arena(arena)
         with self._lock:
@@ -159,12 +159,12 @@ class CudaIpcKVTransport(TcpKVTransport):
 
     # --- receiver side ----------------------------------------------------------------------------------
 
-    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, *args, **kwargs) -> KVPayload:
-        """As KVTransport.fetch (further arguments go to it unchanged), but the payload's kv is a CUDA tensor on
-        the calling thread's current device."""
+    def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, locator: str | None = None) -> KVPayload:
+        """As KVTransport.fetch, but the payload's kv is a CUDA tensor on the calling thread's current device.
+        cuda_ipc offers no locator (it has no one-sided read): a non-empty one is refused with KVTransferError."""
         self._fetching.endpoint = endpoint
         try:
-            return super().fetch(endpoint, transfer_id, timeout_s, *args, **kwargs)
+            return super().fetch(endpoint, transfer_id, timeout_s, locator)
         except KVTransferError as e:
             if e.__cause__ is not None:  # the connection or the arena failed, not a refusal by a live sender
                 self._forget_arenas(endpoint)
@@ -245,8 +245,8 @@ def export_arena(arena: torch.Tensor) -> dict:
      event_sync) = arena.untyped_storage()._share_cuda_()
     return {"arena": secrets.token_hex(8), "arena_bytes": arena.numel(), "device": device,
             "device_uuid": device_uuid(device), "handle": _b64(handle), "storage_bytes": storage_bytes,
-            "storage_offset": storage_offset, "ref_counter": _b64(ref_counter), "ref_counter_offset": ref_counter_offset,
-            "event": _b64(event), "event_sync": bool(event_sync)}
+            "storage_offset": storage_offset, "ref_counter": _b64(ref_counter),
+            "ref_counter_offset": ref_counter_offset, "event": _b64(event), "event_sync": bool(event_sync)}
 
 
 def open_arena(region: dict) -> torch.Tensor:
