@@ -36,7 +36,8 @@ def add_cluster_arguments(p: argparse.ArgumentParser, redis_help: str, redis_req
                    help="the decode (or colocated) pool's, if it differs")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto' or host:port) instead of starting one")
     p.add_argument("--kv-transport", default="auto",
-                   help="KV transfer transport: shm (one host), tcp, or auto: shm for a local Ray, tcp when joining one")
+                   help="KV transfer transport: shm (one host), tcp, nixl, cuda_ipc (one node, GPU to GPU; workers "
+                        "must see each other's GPUs), or auto: shm for a local Ray, tcp when joining one")
     p.add_argument("--redis-url", default=None, required=redis_required, help=redis_help)
     p.add_argument("--kv-offload", choices=("auto", "on", "off"), default="auto",
                    help="remote KV tier in Redis: workers offload evicted prefix blocks and pull them back when that "
