@@ -15,7 +15,7 @@ import torch
 
 from cluster.config import ClusterConfig
 from tests.workers.test_kv_transfer import Sender, assert_same_payload, make_payload
-from workers.kv_transfer import KVTransferError, make_kv_transport
+from workers.kv_transfer import KVTransferError, cuda_ipc, make_kv_transport
 from workers.kv_transfer.cuda_ipc import CudaIpcKVTransport
 from workers.kv_transfer.wire import recv_frame, send_frame
 
@@ -35,6 +35,90 @@ def test_a_cluster_without_cuda_refuses_cuda_ipc_before_any_worker_starts(monkey
     with pytest.raises(ValueError, match=r"^kv_transport: 'cuda_ipc' needs a CUDA device"):
         ClusterConfig(kv_transport="cuda_ipc")
     assert ClusterConfig(kv_transport="shm").resolved_kv_transport == "shm"  # the others are unaffected
+
+
+# --- the protocol on the CPU, CUDA stubbed out -----------------------------------------------------------
+
+
+@pytest.fixture
+def stubbed_cuda(monkeypatch):
+    """cuda_ipc with its CUDA calls replaced: arenas are CPU tensors, "exporting" one files it under its id and
+    "opening" it looks it up (a receiver in this process then takes the path another process would). Returns the
+    ids opened, in order."""
+    exported, opened = {}, []
+
+    def export(arena):
+        arena_id = f"arena-{len(exported)}"
+        exported[arena_id] = arena
+        return {"arena": arena_id, "arena_bytes": arena.numel(), "device": 0, "device_uuid": None}
+
+    def open_arena(region):
+        opened.append(region["arena"])
+        return exported[region["arena"]]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)
+    monkeypatch.setattr(cuda_ipc, "current_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(cuda_ipc, "wait_for_stream", lambda device: None)
+    monkeypatch.setattr(cuda_ipc, "export_arena", export)
+    monkeypatch.setattr(cuda_ipc, "open_arena", open_arena)
+    monkeypatch.setattr(cuda_ipc, "_OWN_ARENAS", {})  # start() files its arena here; the tests take it out again
+    return opened
+
+
+def test_ranges_inline_overflow_and_the_mapping_cache_with_cuda_stubbed(stubbed_cuda):
+    sender, receiver = CudaIpcKVTransport(arena_bytes=1 << 20), CudaIpcKVTransport()
+    fetched = queue.Queue()
+    sender.on_fetched = fetched.put
+    try:
+        endpoint = sender.start()
+        cuda_ipc._OWN_ARENAS.clear()  # as if the receiver were another process
+        small, big = make_payload("small", "bfloat16", num_blocks=8), make_payload("big", num_blocks=2048)  # 2 MiB
+        sender.offer("small", small)
+        sender.offer("big", big)
+        offset = sender._staged["small"].header["cuda_ipc"]["offset"]
+        assert "cuda_ipc" not in sender._staged["big"].header, "a payload larger than the arena goes inline"
+        assert_same_payload(receiver.fetch(endpoint, "small", timeout_s=5), small)
+        assert_same_payload(receiver.fetch(endpoint, "big", timeout_s=5), big)
+        assert sorted(fetched.get(timeout=5) for _ in range(2)) == ["big", "small"]
+        again = make_payload("again")
+        sender.offer("again", again)
+        assert sender._staged["again"].header["cuda_ipc"]["offset"] == offset, "the acknowledged range is reused"
+        assert_same_payload(receiver.fetch(endpoint, "again", timeout_s=5), again)
+        with pytest.raises(KVTransferError, match="'again' was fetched"):
+            receiver.fetch(endpoint, "again", timeout_s=5)
+        assert stubbed_cuda == ["arena-0"], "the arena is mapped once and kept across fetches and refusals"
+        sender.offer("withdrawn", small)
+        assert sender.withdraw("withdrawn")
+        with pytest.raises(KVTransferError, match="'withdrawn' was withdrawn"):
+            receiver.fetch(endpoint, "withdrawn", timeout_s=5)
+        assert sender._ranges.free_ranges == [(0, 1 << 20)], "every range came back"
+        sender.offer("left", small)
+        sender.close()
+        with pytest.raises(KVTransferError, match="refused"):
+            receiver.fetch(endpoint, "left", timeout_s=5)
+        assert receiver._mapped == {}, "a sender that is gone has its arena dropped"
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_range_outside_the_senders_arena_is_refused_and_the_payload_stays(stubbed_cuda):
+    sender, receiver = CudaIpcKVTransport(arena_bytes=1 << 20), CudaIpcKVTransport()
+    try:
+        endpoint = sender.start()
+        cuda_ipc._OWN_ARENAS.clear()
+        want = make_payload("x")
+        sender.offer("x", want)
+        region = sender._staged["x"].header["cuda_ipc"]
+        region["offset"] += 1 << 30
+        with pytest.raises(KVTransferError, match="lies outside the sender's arena"):
+            receiver.fetch(endpoint, "x", timeout_s=5)
+        region["offset"] -= 1 << 30
+        assert_same_payload(fetch_when_back(receiver, endpoint, "x"), want)
+    finally:
+        receiver.close()
+        sender.close()
 
 
 # --- a receiving process --------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class CudaIpcKVTransport(TcpKVTransport):
     def start(self, host: str = "127.0.0.1") -> str:
         with self._lock:
             self._check_startable()
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = current_device()
         try:
             arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=device)
         except torch.cuda.OutOfMemoryError as e:
@@ -173,7 +173,7 @@ class CudaIpcKVTransport(TcpKVTransport):
             self._fetching.endpoint = None
 
     def _recv_kv(self, sock, header: dict, deadline: float) -> torch.Tensor:
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = current_device()
         if "cuda_ipc" not in header:  # the sender's arena was full, or it is a tcp sender: the bytes come inline
             return super()._recv_kv(sock, header, deadline).to(device)
         region, num_bytes = header["cuda_ipc"], header["kv_nbytes"]
@@ -224,7 +224,7 @@ class CudaIpcKVTransport(TcpKVTransport):
         """One device-to-device copy of `nbytes` between two warm buffers on the current device, synchronized: the
         copy a fetch makes out of the sender's arena (the offer's copy into the arena is the other one)."""
         require_cuda()
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = current_device()
         src = torch.ones(nbytes, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         dst.copy_(src)  # warm: the first copy pays for lazy initialisation
@@ -236,6 +236,11 @@ class CudaIpcKVTransport(TcpKVTransport):
             torch.cuda.synchronize(device)
             best_s = min(best_s, time.perf_counter() - t0)
         return nbytes / best_s
+
+
+def current_device() -> torch.device:
+    """The calling thread's current CUDA device: where an arena is allocated and where a fetch puts the kv."""
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def export_arena(arena: torch.Tensor) -> dict:
