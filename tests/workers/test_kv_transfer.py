@@ -44,7 +44,7 @@ def make_payload(request_id: str, dtype: str = "float32", num_blocks: int = 3, b
 
 
 def landing_device(name: str) -> str:
-    """Where a fetch over transport `name` puts the kv: cuda_ipc keeps it on the GPU, the others return it on the CPU."""
+    """Where a fetch over transport `name` puts the kv: cuda_ipc keeps it on the GPU, the others on the CPU."""
     return "cuda" if name == "cuda_ipc" else "cpu"
 
 
