@@ -137,6 +137,10 @@ class Controller:
         if cfg.follow_nodes:
             with self._lock:
                 self._desired.update(pool_sizes_from_nodes(ray.nodes(), self._desired, self._drained_nodes))
+        why = ("kv_transport auto: one host" if cfg.ray_address is None else "kv_transport auto: the Ray cluster "
+               "may span hosts") if cfg.kv_transport == "auto" else "kv_transport set"
+        log.info("KV transport: %s (%s); %s", cfg.resolved_kv_transport, why,
+                 ", ".join(f"{role} TP {tp}" for role, tp in self._tp.items()))
         launched = [self._launch(role, self._tp[role]) for role, n in self._desired.items() for _ in range(n)]
         for w in launched:
             self._await_ready(w)

@@ -10,8 +10,12 @@ Prometheus names (every point labelled worker_id and worker_role):
   tandem_prefix_cache_queries_total, tandem_prefix_cache_hits_total (tokens), tandem_num_preemptions_total,
   tandem_request_success_total{finished_reason}, tandem_kv_transfer_bytes_total{direction=sent|received},
   tandem_kv_transfers_total{direction}, tandem_kv_transfer_leases_expired_total,
-  tandem_kv_transfer_latency_seconds (decode side: pull until the payload is here),
-  tandem_kv_transfer_stage_latency_seconds (prefill side: export + stage, on the engine thread);
+  tandem_kv_transport_info{kv_transport} (1: the transport this worker was configured with and started),
+  per hand-off, decode side, labelled kv_transport, prefill_tp_size and decode_tp_size (SGLang's
+  kv_transfer_latency_ms and kv_transfer_speed_gb_s, as histograms): tandem_kv_transfer_latency_seconds (pull until
+  every shard is here), tandem_kv_transfer_size_bytes, tandem_kv_transfer_bandwidth_bytes_per_second;
+  tandem_kv_transfer_stage_latency_seconds{kv_transport, prefill_tp_size} (prefill side: export + stage, on the
+  engine thread);
   with Redis (KV events for the routers' prefix index): tandem_kv_events_published_batches_total,
   tandem_kv_events_published_events_total, tandem_kv_events_dropped_batches_total (a gap routers resync),
   tandem_kv_events_redis_errors_total, tandem_kv_events_pending_batches.
@@ -36,6 +40,10 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 # KV pulls range from sub-millisecond (shm, short prompts) to seconds (long prompts over tcp).
 KV_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A hand-off's KV: ~100 KiB (a short prompt, small model) to GiBs (long prompts, 70B-class models); x4 per bucket.
+KV_SIZE_BUCKETS_BYTES = tuple(float(1 << n) for n in range(16, 33, 2))
+# Per-transfer bandwidth: ~10 MB/s (tcp under load) to ~2 TB/s (cuda_ipc on an H200); x~3 per bucket.
+KV_BANDWIDTH_BUCKETS_BYTES_S = (1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11, 3e11, 1e12, 3e12)
 
 # (instrument name, snapshot field, unit, description)
 _GAUGES = (
@@ -69,7 +77,7 @@ class WorkerMetrics:
 
     def __init__(self, meter: Meter, attributes: dict[str, str], snapshot: Callable[[], dict],
                  transfer_stats: Callable[[], dict[str, float]], leases_expired: Callable[[], int],
-                 kv_events: Callable[[], dict[str, int]] | None = None):
+                 kv_events: Callable[[], dict[str, int]] | None = None, kv_transport: str | None = None):
         self.attributes = attributes
         self._meter = meter
         self._snapshot = snapshot
@@ -93,9 +101,20 @@ class WorkerMetrics:
             description="Staged KV released because no decode worker fetched it within the lease")
         if kv_events is not None:
             self._register_kv_events(meter, kv_events)
+        if kv_transport is not None:
+            meter.create_observable_gauge(
+                "tandem.kv_transport.info", [lambda options: [Observation(1, {**attributes,
+                                                                                "kv_transport": kv_transport})]],
+                unit="1", description="1, labelled with the KV transport this worker serves and pulls with")
         self.kv_transfer_latency = meter.create_histogram(
             "tandem.kv_transfer.latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
-            description="Decode side: time to pull a request's KV from the prefill worker")
+            description="Decode side: time to pull a request's KV (every shard) from the prefill worker")
+        self.kv_transfer_size = meter.create_histogram(
+            "tandem.kv_transfer.size", unit="By", explicit_bucket_boundaries_advisory=KV_SIZE_BUCKETS_BYTES,
+            description="Decode side: KV bytes of each hand-off, every shard together")
+        self.kv_transfer_bandwidth = meter.create_histogram(
+            "tandem.kv_transfer.bandwidth", unit="By/s", explicit_bucket_boundaries_advisory=KV_BANDWIDTH_BUCKETS_BYTES_S,
+            description="Decode side: bytes / seconds of each hand-off's pull")
         self.kv_stage_latency = meter.create_histogram(
             "tandem.kv_transfer.stage_latency", unit="s", explicit_bucket_boundaries_advisory=KV_LATENCY_BUCKETS_S,
             description="Prefill side: time to export a request's KV and stage it on the transport")
@@ -144,11 +163,19 @@ class WorkerMetrics:
                         "pull; miss, skipped, error: the lookup that gave nothing to use)")
         tier.on_wait = lambda seconds, result: wait.record(seconds, {**self.attributes, "result": result})
 
-    def record_fetch(self, seconds: float, transport: str) -> None:
-        self.kv_transfer_latency.record(seconds, {**self.attributes, "transport": transport})
+    def record_fetch(self, seconds: float, num_bytes: int, transport: str, prefill_tp_size: int,
+                     decode_tp_size: int) -> None:
+        """One hand-off pulled: `num_bytes` of every shard together in `seconds`."""
+        attributes = {**self.attributes, "kv_transport": transport, "prefill_tp_size": prefill_tp_size,
+                      "decode_tp_size": decode_tp_size}
+        self.kv_transfer_latency.record(seconds, attributes)
+        self.kv_transfer_size.record(num_bytes, attributes)
+        if seconds > 0:
+            self.kv_transfer_bandwidth.record(num_bytes / seconds, attributes)
 
-    def record_stage(self, seconds: float, transport: str) -> None:
-        self.kv_stage_latency.record(seconds, {**self.attributes, "transport": transport})
+    def record_stage(self, seconds: float, transport: str, prefill_tp_size: int) -> None:
+        self.kv_stage_latency.record(seconds, {**self.attributes, "kv_transport": transport,
+                                               "prefill_tp_size": prefill_tp_size})
 
     # --- callbacks (run at each scrape or OTLP export) ------------------------------------------------------
 

@@ -302,7 +302,8 @@ class WorkerServer:
             self.telemetry.meter, {"worker_id": self.worker_id, "worker_role": config.role},
             snapshot=lambda: self.loop.snapshot, transfer_stats=lambda: self.transport.stats,
             leases_expired=lambda: self.loop.num_leases_expired,
-            kv_events=(lambda: self.kv_events.stats) if self.kv_events is not None else None)
+            kv_events=(lambda: self.kv_events.stats) if self.kv_events is not None else None,
+            kv_transport=self.transport.name)
         if self.kv_tier is not None:
             self.metrics.add_kv_tier(self.kv_tier)
         self._aio_loop: asyncio.AbstractEventLoop | None = None
@@ -410,7 +411,7 @@ class WorkerServer:
         transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
         locators = [self.transport.offer(shard_transfer_id(transfer_id, rank, len(payloads)), payload) or ""
                     for rank, payload in enumerate(payloads)]
-        self.metrics.record_stage(time.perf_counter() - start, self.transport.name)
+        self.metrics.record_stage(time.perf_counter() - start, self.transport.name, len(payloads))
         return transfer_id, sum(p.num_bytes for p in payloads), locators
 
     def _withdraw(self, transfer_id: str) -> None:
@@ -476,6 +477,7 @@ class _CallSpans:
 
     def __init__(self, server: WorkerServer, context, req: wpb.EngineRequest):
         self.tracer = server.telemetry.tracer
+        self.tp_size = server.engine.executor.tp_size
         self.parent: Context | None = extract(context.invocation_metadata())
         self.attributes = {
             "gen_ai.request.id": req.request_id, "gen_ai.request.model": server.engine.model_name,
@@ -496,7 +498,8 @@ class _CallSpans:
     def kv_transfer(self, handle: wpb.KVHandle, start: float, end: float, error: tuple[str, str] | None) -> None:
         self._record("kv_transfer", start, end, {
             "tandem.kv_transfer.bytes": handle.num_bytes, "tandem.kv_transfer.transport": handle.transport,
-            "tandem.kv_transfer.num_blocks": handle.num_blocks,
+            "tandem.kv_transfer.num_blocks": handle.num_blocks, "tandem.kv_transfer.prefill_tp_size": handle.tp_size,
+            "tandem.kv_transfer.decode_tp_size": self.tp_size,
             "tandem.kv_transfer.source_worker_id": handle.source_worker_id,
         }, error)
 
@@ -753,7 +756,8 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         self.w.kv_transfers += 1
         self.w.kv_transfer_bytes += num_bytes
         self.w.kv_transfer_seconds += seconds
-        self.w.metrics.record_fetch(seconds, self.w.transport.name)
+        self.w.metrics.record_fetch(seconds, num_bytes, self.w.transport.name, num_shards,
+                                    self.w.engine.executor.tp_size)
         return payloads, seconds
 
     async def Abort(self, request: wpb.AbortRequest, context) -> wpb.AbortResponse:

@@ -221,6 +221,7 @@ def test_disaggregated_request_is_one_trace_across_router_and_workers(traced):
     assert prefill.attributes["gen_ai.usage.prompt_tokens"] == prompt_len
     assert prefill.attributes["gen_ai.latency.time_in_model_prefill"] > 0
     assert kv.attributes["tandem.kv_transfer.bytes"] > 0 and kv.attributes["tandem.kv_transfer.transport"] == "tcp"
+    assert kv.attributes["tandem.kv_transfer.prefill_tp_size"] == kv.attributes["tandem.kv_transfer.decode_tp_size"] == 1
     assert kv.attributes["tandem.kv_transfer.source_worker_id"] == prefill_worker.worker_id
     assert decode.attributes["gen_ai.usage.completion_tokens"] == 7  # the first came from the prefill worker
     for span in spans.values():

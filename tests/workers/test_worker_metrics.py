@@ -77,14 +77,21 @@ def test_metrics_move_with_disaggregated_and_cached_requests(workers):
     worker = {"worker_id": prefill.worker_id, "worker_role": "prefill"}
     assert value(p, "tandem_prompt_tokens_total", **worker) == len(PROMPT)
     assert value(p, "tandem_generation_tokens_total") == 1  # the first token
-    assert value(p, "tandem_kv_transfer_stage_latency_seconds_count", transport="tcp") == 1
+    assert value(p, "tandem_kv_transfer_stage_latency_seconds_count", kv_transport="tcp", prefill_tp_size="1") == 1
+    assert value(p, "tandem_kv_transport_info", kv_transport="tcp", **worker) == 1
     # The sender counts a transfer once the receiver acknowledged it, which may land just after the pull.
     wait_until(lambda: value(scrape(prefill), "tandem_kv_transfer_bytes_total", direction="sent") == first.kv.num_bytes)
 
     assert value(d, "tandem_kv_transfer_bytes_total", direction="received") == first.kv.num_bytes
     assert value(d, "tandem_kv_transfers_total", direction="received") == 1
-    assert value(d, "tandem_kv_transfer_latency_seconds_count", transport="tcp") == 1
-    assert value(d, "tandem_kv_transfer_latency_seconds_sum") > 0
+    hand_off = {"kv_transport": "tcp", "prefill_tp_size": "1", "decode_tp_size": "1"}
+    assert value(d, "tandem_kv_transfer_latency_seconds_count", **hand_off) == 1
+    latency_s = value(d, "tandem_kv_transfer_latency_seconds_sum", **hand_off)
+    assert latency_s > 0
+    assert value(d, "tandem_kv_transfer_size_bytes_count", **hand_off) == 1
+    assert value(d, "tandem_kv_transfer_size_bytes_sum", **hand_off) == first.kv.num_bytes
+    assert value(d, "tandem_kv_transfer_bandwidth_bytes_per_second_sum", **hand_off) == pytest.approx(
+        first.kv.num_bytes / latency_s)
     assert value(d, "tandem_generation_tokens_total") == 5 + 6
     assert value(d, "tandem_prompt_tokens_total") == len(PROMPT)  # only the local prefill counts
     assert value(d, "tandem_prefix_cache_hits_total") > 0

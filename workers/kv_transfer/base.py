@@ -54,7 +54,8 @@ class KVTransport(ABC):
 
     @abstractmethod
     def offer(self, transfer_id: str, payload: KVPayload) -> str | None:
-        """Stage `payload` to be fetched once. A CUDA kv tensor is copied to host memory here. Returns the locator
+        """Stage `payload` to be fetched once. A CUDA kv tensor is copied to host memory here (cuda_ipc: into its
+        device arena). Returns the locator
         a receiver passes to `fetch` to read it one-sided, or None where this transport or payload has none.
 
         Raises ValueError if `transfer_id` is already staged, KVTransferError if the transport is not serving.
@@ -67,7 +68,8 @@ class KVTransport(ABC):
 
     @abstractmethod
     def fetch(self, endpoint: str, transfer_id: str, timeout_s: float, locator: str | None = None) -> KVPayload:
-        """Pull a staged payload from `endpoint`, acknowledge it and return it with a CPU kv tensor. With the
+        """Pull a staged payload from `endpoint`, acknowledge it and return it with its kv tensor on the CPU
+        (cuda_ipc: on the calling thread's current CUDA device). With the
         `locator` its `offer` returned, read it one-sided where this transport can, and acknowledge it afterwards
         in the background (see the module docstring); an empty or None locator asks the sender.
 

@@ -406,7 +406,7 @@ class TcpKVTransport(KVTransport):
 
     def _recv_kv(self, sock: socket.socket, header: dict, deadline: float) -> torch.Tensor:
         """The kv's raw bytes as a new uint8 CPU tensor."""
-        for other in ("shm", "nixl"):
+        for other in ("shm", "nixl", "cuda_ipc"):
             if other in header:
                 raise ValueError(f"the sender uses the {other} transport: fetch with make_kv_transport('{other}')")
         kv_bytes = empty_host_bytes(header["kv_nbytes"])
