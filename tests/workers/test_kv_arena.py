@@ -1,12 +1,15 @@
 """The staging arenas' range allocator: aligned first fit, ranges that never overlap, and every released byte
-usable again (neighbours merge, so a full-size payload fits once the arena drains)."""
+usable again (neighbours merge, so a full-size payload fits once the arena drains). And the receivers' warm
+buffers cut from it: a range is reused only once nothing views it."""
 from __future__ import annotations
 
 import random
 
 import pytest
+import torch
 
 from workers.kv_transfer.arena import RangeAllocator
+from workers.kv_transfer.base import WarmBuffers
 
 KIB = 1 << 10
 
@@ -111,3 +114,39 @@ def test_random_allocations_never_overlap_and_account_for_every_byte():
     for offset, num_bytes in taken.items():
         ranges.release(offset, num_bytes)
     assert ranges.free_ranges == [(0, capacity)]
+
+
+# --- WarmBuffers: the receivers' pool --------------------------------------------------------------------
+
+
+def test_warm_buffers_reuse_a_range_only_once_every_view_of_it_is_gone():
+    buffers = WarmBuffers(capacity_bytes=8 << 20)
+    first = buffers.take(3 << 20)
+    first.fill_(7)
+    kv = first.view(torch.float32).view(4, -1)  # what payload_from_header makes of it
+    first_ptr = first.data_ptr()
+    del first
+    assert buffers.used_bytes == 4 << 20, "a view still uses the range"
+    second = buffers.take(3 << 20)
+    assert second.data_ptr() != first_ptr
+    second.fill_(9)
+    assert torch.equal(kv.view(torch.uint8).reshape(-1), torch.full((3 << 20,), 7, dtype=torch.uint8))
+    del kv
+    assert buffers.used_bytes == 4 << 20
+    third = buffers.take(3 << 20)
+    assert third.data_ptr() == first_ptr, "a freed range was not reused"
+    assert third.numel() == 3 << 20 and second.numel() == 3 << 20
+
+
+def test_warm_buffers_fall_back_to_fresh_memory_when_full():
+    buffers = WarmBuffers(capacity_bytes=4 << 20)
+    held = buffers.take(3 << 20)
+    extra = buffers.take(3 << 20)  # no room left in the pool
+    too_big = buffers.take(16 << 20)
+    assert extra.numel() == 3 << 20 and too_big.numel() == 16 << 20
+    assert buffers.used_bytes == 4 << 20
+    extra.fill_(1)
+    too_big.fill_(2)
+    del held
+    assert buffers.used_bytes == 0
+    assert buffers.take(0).numel() == 0

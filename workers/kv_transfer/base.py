@@ -13,14 +13,20 @@ a grace period, and the receiver checks the payload's generation before and afte
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from workers.kv.handoff import KVPayload
+from workers.kv_transfer.arena import RangeAllocator
+
+log = logging.getLogger(__name__)
 
 _HUGE_PAGE_BYTES = 2 << 20
 
@@ -133,6 +139,55 @@ def empty_host_bytes(num_bytes: int) -> torch.Tensor:
     mapping = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mapping.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+class WarmBuffers:
+    """Receive buffers cut from one mapping that stays mapped, so that a payload lands in pages an earlier one
+    already faulted in: a receiver that allocated fresh memory for each payload spent most of a fetch faulting
+    (17.6 MiB: 3.2 ms to fault fresh huge pages, with stalls of 30-45 ms in a quarter of the tries on the dev VM,
+    against 2.5 ms for a copy into warm pages).
+
+    `take(num_bytes)` returns a uint8 CPU tensor; its range goes back to the pool when the tensor's storage is freed
+    (the last view of it dropped), on whichever thread that happens. When the pool has no free range large enough,
+    `take` falls back to `empty_host_bytes`. `capacity_bytes` is address space: memory is only used up to the
+    high-water mark of payloads held at once, and kept until the transport is gone.
+    """
+
+    def __init__(self, capacity_bytes: int = 1 << 30) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.Lock()
+        self._ranges = RangeAllocator(capacity_bytes, align_bytes=_HUGE_PAGE_BYTES)
+        self._pool: np.ndarray | None = None  # mapped on the first take
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        with self._lock:
+            if self._pool is None and num_bytes <= self.capacity_bytes:
+                self._pool = np.frombuffer(_huge_page_mapping(self.capacity_bytes), dtype=np.uint8)
+            offset = self._ranges.allocate(num_bytes) if num_bytes and self._pool is not None else None
+        if offset is None:
+            return empty_host_bytes(num_bytes)
+        # torch.frombuffer holds `view` (through the buffer it exports) until the storage is freed, and nothing else
+        # does: its finalizer therefore runs exactly when the tensor's memory is no longer in use.
+        view = self._pool[offset:offset + num_bytes]
+        weakref.finalize(view, self._give_back, offset, num_bytes)
+        return torch.frombuffer(view, dtype=torch.uint8)
+
+    def _give_back(self, offset: int, num_bytes: int) -> None:
+        with self._lock:
+            self._ranges.release(offset, num_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the pool held by tensors alive now (rounded up to 2 MiB each)."""
+        with self._lock:
+            return self._ranges.used_bytes
+
+
+def _huge_page_mapping(num_bytes: int) -> mmap.mmap:
+    mapping = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

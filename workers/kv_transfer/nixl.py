@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workers.kv.handoff import KVPayload
-from workers.kv_transfer.base import KVTransferError, empty_host_bytes
+from workers.kv_transfer.base import KVTransferError
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
 from workers.kv_transfer.wire import payload_header
 
@@ -124,7 +124,7 @@ class NixlKVTransport(TcpKVTransport):
             raise ValueError(f"nixl region of {region['len']} bytes for a kv of {num_bytes}")
         agent = self.agent()
         remote_agent = agent.add_remote_agent(base64.b64decode(region["metadata"]))
-        kv_bytes = empty_host_bytes(num_bytes)
+        kv_bytes = self.receive_buffers.take(num_bytes)
         registration = agent.register_memory([kv_bytes])
         try:
             read_into(agent, kv_bytes, remote_agent, region["addr"], deadline)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from workers.kv.handoff import KVPayload
-from workers.kv_transfer.base import KVTransferError, empty_host_bytes
+from workers.kv_transfer.base import KVTransferError
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
 from workers.kv_transfer.wire import payload_from_header, payload_header
 
@@ -216,7 +216,7 @@ class ShmKVTransport(TcpKVTransport):
         arena = self._arena_at(path)
         if offset < 0 or offset + num_bytes > len(arena):
             raise ValueError(f"shm range [{offset}, {offset + num_bytes}) lies outside the arena {path}")
-        kv_bytes = empty_host_bytes(num_bytes)
+        kv_bytes = self.receive_buffers.take(num_bytes)
         np.copyto(kv_bytes.numpy(), arena[offset:offset + num_bytes])
         return kv_bytes
 
@@ -247,7 +247,7 @@ class ShmKVTransport(TcpKVTransport):
         kv_offset, num_bytes = header["shm"]["offset"], header["kv_nbytes"]
         if kv_offset < meta_start or kv_offset + num_bytes > len(arena):
             raise ValueError(f"shm kv range [{kv_offset}, {kv_offset + num_bytes}) lies outside the arena {path}")
-        kv_bytes = empty_host_bytes(num_bytes)
+        kv_bytes = self.receive_buffers.take(num_bytes)
         np.copyto(kv_bytes.numpy(), arena[kv_offset:kv_offset + num_bytes])
         check_generation()
         now = time.monotonic()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from workers.kv.handoff import KVPayload
-from workers.kv_transfer.base import KVTransferError, KVTransport, byte_view, empty_host_bytes
+from workers.kv_transfer.base import KVTransferError, KVTransport, WarmBuffers, byte_view
 from workers.kv_transfer.wire import (
     PeerClosed, payload_from_header, payload_header, recv_exact, recv_exact_into, recv_frame, send_body,
     send_frame, token_bytes_len,
@@ -77,6 +77,7 @@ class TcpKVTransport(KVTransport):
         self._closed = False
         self._idle: dict[str, list[socket.socket]] = {}  # receiver side: endpoint -> pooled connections
         self._commits: queue.Queue | None = None  # receiver side: (endpoint, transfer_id, generation) to commit
+        self.receive_buffers = WarmBuffers()  # receiver side: where fetched kv bytes land
 
     # --- sender side ------------------------------------------------------------------------------------
 
@@ -405,11 +406,11 @@ class TcpKVTransport(KVTransport):
             send_body(conn, byte_view(staged.kv), self.STALL_TIMEOUT_S)
 
     def _recv_kv(self, sock: socket.socket, header: dict, deadline: float) -> torch.Tensor:
-        """The kv's raw bytes as a new uint8 CPU tensor."""
+        """The kv's raw bytes as a uint8 CPU tensor of its own (from `receive_buffers`)."""
         for other in ("shm", "nixl", "cuda_ipc"):
             if other in header:
                 raise ValueError(f"the sender uses the {other} transport: fetch with make_kv_transport('{other}')")
-        kv_bytes = empty_host_bytes(header["kv_nbytes"])
+        kv_bytes = self.receive_buffers.take(header["kv_nbytes"])
         recv_exact_into(sock, byte_view(kv_bytes), deadline)
         return kv_bytes
 
