@@ -7,11 +7,21 @@
 # Parts, in order, each under its own `timeout` and all under one deadline (GPU_CHECK_BUDGET_S, default 290 s;
 # a part never gets more than is left, and one with under 5 s left is skipped). GPU_CHECK_PARTS=engine,hf runs
 # only the parts named (a rerun with what is left of a lease); GPU_CHECK_TESTS_S, _ENGINE_S, _EAGER_S,
-# _PROFILE_S, _PROFILE_EAGER_S, _ATTENTION_S, _KV_CUDA_IPC_S, _HF_S, _HF_STATIC_S override each part's cap (seconds,
-# the default in brackets below). A failing part doesn't stop the rest. Each writes OUT_DIR/<part>.log, and its
-# results:
+# _PROFILE_S, _PROFILE_EAGER_S, _ATTENTION_S, _KV_CUDA_IPC_S, _PD_CUDA_IPC_S, _PD_BF16_S, _HF_S, _HF_STATIC_S
+# override each part's cap (seconds, the default in brackets below). A failing part doesn't stop the rest. Each
+# writes OUT_DIR/<part>.log, and its results:
 #   env            env.json: date, nvidia-smi, python, torch/triton/transformers/gguf versions, git commit [30]
 #   gpu-tests      pytest -m gpu over the test files that mark gpu tests; gpu-tests.xml (junit) [90]
+#   pd-cuda-ipc    bench_pd_gpu.py: a prefill and a decode WorkerServer, two processes on the one GPU, KV over
+#                  cuda_ipc, llama-3-8B shape with dummy weights in float32, GPU_CHECK_PD_LAYERS (16) of its 32 layers
+#                  (16: a 2048-token prompt's float32 KV is 256 MiB, the full model's bfloat16 hand-off): greedy output
+#                  of 8 prompts disaggregated against colocated (`equal`), and what the hand-off adds to the TTFT of a
+#                  2048-token prompt (`ttft.handoff_frac_of_ttft`, checked against 5%); its rc is 1 when the outputs
+#                  differ or a phase fails. Without a GPU: skipped, except in a smoke run, which runs a toy model on
+#                  CPU over shm (a smoke run on a GPU: the toy over cuda_ipc). Before the engine parts, so that the
+#                  default budget reaches it; pd-cuda-ipc.json [90]
+#   pd-bf16        only with GPU_CHECK_PD_BF16=1: the same TTFT measure, full llama-3-8B in bfloat16 (the serving
+#                  case), no equality; pd-bf16.json [60]
 #   engine         bench_engine.py --gpu, batch 1,64,256; engine.json [90]
 #   engine-eager   the same with --enforce-eager at batch 1,64 (CUDA graphs against eager); engine-eager.json [45]
 #   profile        profile_decode.py, batch 1 and 64 with CUDA graphs; profile.json [25]
@@ -174,6 +184,7 @@ if [ "$SMOKE" = 1 ]; then
     PROFILE_BATCHES=1,2; PROFILE_SIZES=()
     HF=(--device cpu --tiny --decode-tokens 4 --static); HF_BATCHES=1,2  # static: no compile on CPU
     KV_CUDA_IPC=(--sizes-mib 4 --repeats 1)
+    PD=(--tiny --num-prompts 3 --max-prompt-len 200 --max-tokens 8 --ttft-prompt-len 256 --repeats 2 --warmup 1)
 else
     ENGINE=(--gpu --max-num-seqs 256 --max-num-batched-tokens 8192)
     ENGINE_BATCHES=1,64,256; EAGER_BATCHES=1,64
@@ -181,7 +192,10 @@ else
     PROFILE_BATCHES=1,64; PROFILE_SIZES=(--cudagraph-capture-sizes 1,64)  # capture only what is profiled
     HF=(--decode-tokens 128); HF_BATCHES=1,64,256
     KV_CUDA_IPC=(--sizes-mib 256 --repeats 5)  # 256 MiB: llama-3-8B's KV for 2048 tokens
+    PD=(--layers "${GPU_CHECK_PD_LAYERS:-16}")
 fi
+HAS_CUDA=0
+"$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 && HAS_CUDA=1
 
 run_part env 30 "$PY" -c "$ENV_PY" "$OUT_DIR/env.json"
 mapfile -t GPU_TEST_FILES < <(grep -rl --include='test_*.py' -e 'mark\.gpu' tests | sort)
@@ -190,6 +204,21 @@ if [ "${#GPU_TEST_FILES[@]}" -eq 0 ]; then
 else
     run_part gpu-tests "${GPU_CHECK_TESTS_S:-90}" "$PY" -m pytest -m gpu "${GPU_TEST_FILES[@]}" -q -rA \
         -p no:cacheprovider --continue-on-collection-errors --junitxml "$OUT_DIR/gpu-tests.xml"
+fi
+if [ "$HAS_CUDA" = 1 ]; then
+    run_part pd-cuda-ipc "${GPU_CHECK_PD_CUDA_IPC_S:-90}" "$PY" benchmarks/bench_pd_gpu.py "${PD[@]}" \
+        --output "$OUT_DIR/pd-cuda-ipc.json"
+elif [ "$SMOKE" = 1 ]; then  # the same script and part on CPU: a toy model, KV over shm
+    run_part pd-cuda-ipc "${GPU_CHECK_PD_CUDA_IPC_S:-90}" "$PY" benchmarks/bench_pd_gpu.py "${PD[@]}" \
+        --device cpu --output "$OUT_DIR/pd-cuda-ipc.json"
+elif [ -n "${GPU_CHECK_PARTS:-}" ] && [[ ",$GPU_CHECK_PARTS," != *",pd-cuda-ipc,"* ]]; then
+    skip_part pd-cuda-ipc "not in GPU_CHECK_PARTS=$GPU_CHECK_PARTS"
+else
+    skip_part pd-cuda-ipc "torch sees no CUDA device: cuda_ipc moves KV between GPUs"
+fi
+if [ "${GPU_CHECK_PD_BF16:-0}" = 1 ] && [ "$HAS_CUDA" = 1 ] && [ "$SMOKE" != 1 ]; then
+    run_part pd-bf16 "${GPU_CHECK_PD_BF16_S:-60}" "$PY" benchmarks/bench_pd_gpu.py --dtype bfloat16 --skip-equality \
+        --output "$OUT_DIR/pd-bf16.json"
 fi
 run_part engine "${GPU_CHECK_ENGINE_S:-90}" "$PY" benchmarks/bench_engine.py "${ENGINE[@]}" \
     --batch-sizes "$ENGINE_BATCHES" --output "$OUT_DIR/engine.json"
@@ -209,7 +238,7 @@ else
 fi
 if [ -n "${GPU_CHECK_PARTS:-}" ] && [[ ",$GPU_CHECK_PARTS," != *",kv-cuda-ipc,"* ]]; then
     skip_part kv-cuda-ipc "not in GPU_CHECK_PARTS=$GPU_CHECK_PARTS"
-elif ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+elif [ "$HAS_CUDA" != 1 ]; then
     skip_part kv-cuda-ipc "torch sees no CUDA device: cuda_ipc moves KV between GPUs"
 else
     run_part kv-cuda-ipc "${GPU_CHECK_KV_CUDA_IPC_S:-30}" "$PY" benchmarks/bench_kv_transfer.py \
