@@ -7,8 +7,10 @@ One run measures, on this machine:
                 the cluster over gRPC (Ray workers in their own processes, a router); ratio = cluster / offline.
   TTFT          requests one at a time (no queueing), through both; "added" = cluster p50 - offline p50. The
                 offline engine runs with the prefill worker's thread count, so both compute the same prefill.
-  KV transfer   bytes / seconds of every fetch the decode workers made during the workload, against the
-                transport's raw bandwidth measured in the same run.
+  KV transfer   bytes / seconds of every pull the decode workers made during the workload, against the
+                transport's raw bandwidth measured in the same run: as the worker saw each pull (from handing it
+                to a fetch thread until its event loop had the payload), and inside the transport's fetch calls
+                (the copy and its protocol, without those two waits).
 
     python benchmarks/bench_cluster.py --markdown                    # disaggregated and colocated
     python benchmarks/bench_cluster.py --modes disaggregated --torch-threads 2
@@ -150,9 +152,12 @@ def run_cluster(mode: str, args, workload, ttft_prompts, engine_opts) -> dict:
         after = controller.worker_stats()
         moved = sum(s.kv_transfer_bytes for s in after) - sum(s.kv_transfer_bytes for s in before)
         seconds = sum(s.kv_transfer_seconds for s in after) - sum(s.kv_transfer_seconds for s in before)
+        fetch_seconds = sum(s.kv_fetch_seconds for s in after) - sum(s.kv_fetch_seconds for s in before)
         count = sum(s.kv_transfers for s in after) - sum(s.kv_transfers for s in before)
         result["kv_transfer"] = {"transfers": count, "bytes": moved, "seconds": seconds,
-                                 "bytes_per_s": moved / seconds if seconds else None}
+                                 "bytes_per_s": moved / seconds if seconds else None,
+                                 "fetch_seconds": fetch_seconds,
+                                 "fetch_bytes_per_s": moved / fetch_seconds if fetch_seconds else None}
         print(f"[bench] {mode}: TTFT, {len(ttft_prompts)} requests one at a time", file=sys.stderr)
         ttft, timings = run(cluster_ttft(address, ttft_prompts))
         result["ttft_ms"] = ttft
@@ -242,22 +247,30 @@ def summary(results: dict) -> dict:
             "kv_GiB_s": kv["bytes_per_s"] / 2**30 if kv["bytes_per_s"] else None,
             "kv_vs_raw": kv["bytes_per_s"] / results["kv_transport"]["raw_bytes_per_s"] if kv["bytes_per_s"] else None,
             "kv_transfers": kv["transfers"], "kv_MiB": kv["bytes"] / 2**20,
+            "kv_fetch_GiB_s": kv["fetch_bytes_per_s"] / 2**30 if kv.get("fetch_bytes_per_s") else None,
+            "kv_fetch_vs_raw": (kv["fetch_bytes_per_s"] / results["kv_transport"]["raw_bytes_per_s"]
+                                if kv.get("fetch_bytes_per_s") else None),
         }
     return out
 
 
 def markdown(results: dict) -> str:
     s = summary(results)
-    lines = ["| mode | output tok/s | vs offline | TTFT p50 (ms) | offline TTFT p50 | added TTFT p50 | KV GiB/s | vs raw |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| offline engine | {s['offline_output_tok_s']:.1f} | 1.00x | | | | | |"]
+    lines = ["| mode | output tok/s | vs offline | TTFT p50 (ms) | offline TTFT p50 | added TTFT p50 | KV GiB/s (pull) "
+             "| vs raw | KV GiB/s (fetch) | vs raw |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| offline engine | {s['offline_output_tok_s']:.1f} | 1.00x | | | | | | | |"]
+
+    def cell(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
     for mode in ("disaggregated", "colocated"):
         if mode in s:
             m = s[mode]
-            kv = "n/a" if m["kv_GiB_s"] is None else f"{m['kv_GiB_s']:.2f}"
-            vs = "n/a" if m["kv_vs_raw"] is None else f"{m['kv_vs_raw']:.0%}"
             lines.append(f"| {mode} | {m['output_tok_s']:.1f} | {m['ratio']:.2f}x | {m['ttft_p50_ms']:.1f} | "
-                         f"{m['offline_ttft_p50_ms']:.1f} | {m['added_ttft_p50_ms']:+.1f} | {kv} | {vs} |")
+                         f"{m['offline_ttft_p50_ms']:.1f} | {m['added_ttft_p50_ms']:+.1f} | {cell(m['kv_GiB_s'], '.2f')} | "
+                         f"{cell(m['kv_vs_raw'], '.0%')} | {cell(m.get('kv_fetch_GiB_s'), '.2f')} | "
+                         f"{cell(m.get('kv_fetch_vs_raw'), '.0%')} |")
     lines.append(f"\nKV transport raw bandwidth ({results['kv_transport']['name']}): {s['kv_raw_GiB_s']:.2f} GiB/s")
     return "\n".join(lines)
 

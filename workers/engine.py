@@ -263,15 +263,16 @@ class LLMEngine:
 
     # --- KV hand-off -----------------------------------------------------------------------------------
 
-    def export_kv(self, req_id: str) -> list[KVPayload]:
-        """The prompt KV of a request held after prefill, one payload per TP rank. Blocks stay held until
-        release_kv (the decode side confirmed) or abort_request."""
+    def export_kv(self, req_id: str, on_device: bool = False) -> list[KVPayload]:
+        """The prompt KV of a request held after prefill, one payload per TP rank, in host memory (with
+        `on_device`, on the engine's device where it has one and TP is 1). Blocks stay held until release_kv (the
+        decode side confirmed) or abort_request."""
         req = self.scheduler.requests.get(req_id)
         if req is None or req.status != RequestStatus.PREFILLED:
             raise KeyError(f"request_id: {req_id!r} holds no KV for hand-off")
         num_blocks = -(-req.num_computed_tokens // self.block_size)
         block_ids = self.kv.block_ids(req_id)[:num_blocks]
-        shards = self.executor.export_blocks(block_ids)
+        shards = self.executor.export_blocks(block_ids, on_device)
         return [
             KVPayload(req_id, self.model_name, self.block_size, str(self.dtype).removeprefix("torch."), rank,
                       len(shards), self.model_config.num_key_value_heads, list(req.prompt_token_ids),

@@ -50,9 +50,10 @@ class Executor:
     def execute(self, inp: ModelInput) -> torch.Tensor | None:
         return self.runner.execute(inp)
 
-    def export_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
-        """One tensor per TP rank, in rank order."""
-        return [self.runner.export_blocks(block_ids)]
+    def export_blocks(self, block_ids: list[int], on_device: bool = False) -> list[torch.Tensor]:
+        """One tensor per TP rank, in rank order; on the engine's device with `on_device` (a TP group gathers its
+        shards in host memory whatever it is asked)."""
+        return [self.runner.export_blocks(block_ids, on_device)]
 
     def import_blocks(self, block_ids: list[int], per_rank: list[torch.Tensor]) -> None:
         self.runner.import_blocks(block_ids, per_rank[0])
@@ -94,7 +95,8 @@ class TPDriverExecutor(Executor):
             self._send(("execute", inp))
             return self.runner.execute(inp)
 
-    def export_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+    def export_blocks(self, block_ids: list[int], on_device: bool = False) -> list[torch.Tensor]:
+        # Host memory always: each rank's device is its own (every Ray actor sees its GPU as cuda:0).
         with self._lock:
             self._send(("export", block_ids))
             return self.tp.gather_objects(self.runner.export_blocks(block_ids))

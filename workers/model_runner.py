@@ -207,15 +207,16 @@ class ModelRunner:
         return self.kv_cache.view(c.num_hidden_layers, 2, self.num_blocks, self.block_size, self.model.num_kv_heads, c.head_dim)
 
     @torch.inference_mode()
-    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] in host memory (pinned on CUDA).
+    def export_blocks(self, block_ids: list[int], on_device: bool = False) -> torch.Tensor:
+        """[num_layers, 2, len(block_ids), block_size, num_kv_heads, head_dim] in host memory (pinned on CUDA), or
+        with `on_device` a new tensor on the engine's device (for a transport that moves device memory: cuda_ipc).
 
-        The transports (tcp, shm, the Redis tier) move host memory; from a GPU the blocks are gathered on the
+        The other transports (tcp, shm, the Redis tier) move host memory; from a GPU the blocks are gathered on the
         device and copied once into a pinned buffer, at the full PCIe rate instead of pageable memory's.
         """
         idx = to_device(torch.tensor(block_ids, dtype=torch.long), self.device)
         blocks = self._block_view().index_select(2, idx)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or on_device:
             return blocks
         host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
         host.copy_(blocks, non_blocking=True)

@@ -407,7 +407,7 @@ class WorkerServer:
         (export_kv); all of them are staged on this worker's transport, shard r under shard_transfer_id(tid, r, n).
         Returns the transfer id, the bytes of all shards and each shard's locator (one-sided reads; "" for none)."""
         start = time.perf_counter()
-        payloads = self.engine.export_kv(req_id)
+        payloads = self.engine.export_kv(req_id, on_device=self.transport.takes_device_payloads)
         transfer_id = f"{req_id}/{uuid.uuid4().hex[:8]}"
         locators = [self.transport.offer(shard_transfer_id(transfer_id, rank, len(payloads)), payload) or ""
                     for rank, payload in enumerate(payloads)]
@@ -430,6 +430,7 @@ class WorkerServer:
         return wpb.WorkerStats(
             info=self.info, **self.loop.snapshot, kv_transfers=self.kv_transfers, kv_transfer_bytes=self.kv_transfer_bytes,
             kv_transfer_seconds=self.kv_transfer_seconds, kv_leases_expired=self.loop.num_leases_expired,
+            kv_fetch_seconds=self.transport.stats["seconds_receiving"],
         )
 
 
@@ -670,6 +671,9 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
                 except ValueError as e:
                     self.loop.unlisten(req_id)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv: {e}")
+                # The KV is in the engine's cache now: hand the received buffers back to the transport's pool,
+                # rather than holding them for as long as this request decodes.
+                payloads = payload = None
                 decode_start = time.monotonic()
             else:
                 await self._add(context, req, stream)
@@ -741,14 +745,16 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         if remaining is not None:
             timeout = min(timeout, remaining)
         start = time.perf_counter()
-        payloads = []
+
+        def fetch_all() -> list:
+            # In rank order: the prefill worker frees the blocks when the last shard is acknowledged. All on one
+            # thread, so that the event loop (busy streaming tokens under load) takes part only once per pull.
+            return [self.w.transport.fetch(endpoint, shard_transfer_id(handle.transfer_id, rank, num_shards),
+                                           max(timeout - (time.perf_counter() - start), 0.0), locators[rank])
+                    for rank, endpoint in enumerate(handle.endpoints)]
+
         try:
-            # In rank order: the prefill worker frees the blocks when the last shard is acknowledged.
-            for rank, endpoint in enumerate(handle.endpoints):
-                left = timeout - (time.perf_counter() - start)
-                payloads.append(await asyncio.get_running_loop().run_in_executor(
-                    self.w._fetch_pool, self.w.transport.fetch, endpoint,
-                    shard_transfer_id(handle.transfer_id, rank, num_shards), left, locators[rank]))
+            payloads = await asyncio.get_running_loop().run_in_executor(self.w._fetch_pool, fetch_all)
         except KVTransferError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: {e}")
         seconds = time.perf_counter() - start

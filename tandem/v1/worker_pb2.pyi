@@ -128,7 +128,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("info", "num_running", "num_waiting", "num_waiting_tokens", "num_kv_held", "num_blocks", "num_free_blocks", "num_used_blocks", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds", "kv_leases_expired", "num_prompt_tokens", "num_generation_tokens", "num_requests_finished")
+    __slots__ = ("info", "num_running", "num_waiting", "num_waiting_tokens", "num_kv_held", "num_blocks", "num_free_blocks", "num_used_blocks", "kv_cache_usage", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_transfers", "kv_transfer_bytes", "kv_transfer_seconds", "kv_leases_expired", "num_prompt_tokens", "num_generation_tokens", "num_requests_finished", "kv_fetch_seconds")
     class NumRequestsFinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class WorkerStats(_message.Message):
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    KV_FETCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     info: WorkerInfo
     num_running: int
     num_waiting: int
@@ -174,7 +175,8 @@ class WorkerStats(_message.Message):
     num_prompt_tokens: int
     num_generation_tokens: int
     num_requests_finished: _containers.ScalarMap[str, int]
-    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., num_kv_held: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_leases_expired: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_requests_finished: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    kv_fetch_seconds: float
+    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_waiting_tokens: _Optional[int] = ..., num_kv_held: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., kv_transfers: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_leases_expired: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_generation_tokens: _Optional[int] = ..., num_requests_finished: _Optional[_Mapping[str, int]] = ..., kv_fetch_seconds: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size", "tp_size", "kv_transport", "pid", "node_ip", "metrics_address", "draining")

@@ -110,13 +110,16 @@ def test_prefill_to_decode_handoff_then_replayed_decode(folder, replays):
     with LLM(folder, role="prefill", enforce_eager=True, **opts) as prefill, \
             LLM(folder, role="decode", enforce_eager=False, **opts) as decode:
         tokens = {}
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             req_id = prefill.engine.add_request(prompt, GREEDY)
             events = []
             while not events:
                 events = prefill.engine.step()
             tokens[req_id] = list(events[0].new_token_ids)
-            decode.engine.import_kv(prefill.engine.export_kv(req_id), GREEDY)
+            on_device = i % 2 == 0  # as for cuda_ipc: the payload stays on the GPU
+            payloads = prefill.engine.export_kv(req_id, on_device=on_device)
+            assert payloads[0].kv.device.type == ("cuda" if on_device else "cpu")
+            decode.engine.import_kv(payloads, GREEDY)
             prefill.engine.release_kv(req_id)
         while decode.engine.has_unfinished_requests():
             for ev in decode.engine.step():

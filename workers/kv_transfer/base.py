@@ -44,6 +44,9 @@ class KVTransport(ABC):
     """
 
     name: str
+    # True where offer() takes a CUDA kv without copying it to host memory first (cuda_ipc): the engine then
+    # exports a hand-off's KV on its device.
+    takes_device_payloads: bool = False
 
     def __init__(self) -> None:
         self.on_fetched: Callable[[str], None] | None = None

@@ -72,6 +72,7 @@ class DeviceStaged(Staged):
 
 class CudaIpcKVTransport(TcpKVTransport):
     name = "cuda_ipc"
+    takes_device_payloads = True
 
     def __init__(self, arena_bytes: int = DEFAULT_ARENA_BYTES, tls: TLSConfig | None = None) -> None:
         require_cuda()  # fail at selection, not at the first transfer

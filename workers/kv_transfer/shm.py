@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from workers.kv.handoff import KVPayload
+from workers.kv_transfer.arena import RangeAllocator
 from workers.kv_transfer.base import KVTransferError
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
 from workers.kv_transfer.wire import payload_from_header, payload_header
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 ARENA_PREFIX = "tandem-kv-"
-_ALIGN_BYTES = 64 << 10  # ranges start on 64 KiB: page-aligned copies, and a short free list
 _RESERVE_STEP_BYTES = 64 << 20  # fallocate grows the reserved pages by at least this much
 _STALE_AGE_S = 10.0  # an unlocked arena younger than this may be one whose creator has not locked it yet
 _MAX_MAPPED_ARENAS = 16  # receiver side
@@ -68,7 +68,7 @@ class ShmKVTransport(TcpKVTransport):
         self._arena_fd: int | None = None
         self._arena_path: str | None = None
         self._reserved_bytes = 0  # [0, reserved) has pages allocated (fallocate): writes there cannot SIGBUS
-        self._free: list[tuple[int, int]] = []  # (offset, num_bytes), sorted, coalesced
+        self._ranges: RangeAllocator | None = None  # the arena's taken and free ranges
         self._quarantine: list[tuple[float, int, int]] = []  # (reusable from, offset, num_bytes), oldest first
         self._generation = secrets.randbits(62)  # of the last staging: unique per arena, never 0
         # Receiver side: arena path -> (inode, read-only mapping as uint8 array); under self._lock.
@@ -90,7 +90,7 @@ class ShmKVTransport(TcpKVTransport):
             arena = np.frombuffer(mmap.mmap(fd, self.arena_bytes), dtype=np.uint8)
             with self._lock:
                 self._arena, self._arena_fd, self._arena_path = arena, fd, path
-                self._free, self._quarantine = [(0, self.arena_bytes)], []
+                self._ranges, self._quarantine = RangeAllocator(self.arena_bytes), []
             return super().start(host)
         except BaseException:
             self._drop_arena()
@@ -107,7 +107,7 @@ class ShmKVTransport(TcpKVTransport):
             fd, path = self._arena_fd, self._arena_path
             # Not unmapped explicitly: a thread still copying holds a reference, and the mapping goes with the last.
             self._arena = self._arena_fd = self._arena_path = None
-            self._free, self._quarantine = [], []
+            self._ranges, self._quarantine = None, []
         if path is not None:
             try:
                 os.unlink(path)  # before closing the fd, which releases the lock that marks the file as in use
@@ -172,15 +172,8 @@ class ShmKVTransport(TcpKVTransport):
         """First fit (low offsets first, to keep the reserved high-water mark low); None if it does not fit."""
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
-            self._release(*self._quarantine.pop(0)[1:])
-        size = _align(max(num_bytes, 1), _ALIGN_BYTES)
-        for i, (offset, free_bytes) in enumerate(self._free):
-            if free_bytes >= size:
-                if not self._reserve(offset + size):
-                    return None
-                self._free[i:i + 1] = [(offset + size, free_bytes - size)] if free_bytes > size else []
-                return offset
-        return None
+            self._ranges.release(*self._quarantine.pop(0)[1:])
+        return self._ranges.allocate(num_bytes, reserve=self._reserve)
 
     def _reserve(self, end: int) -> bool:
         """Allocate the arena's pages up to `end`, so that writing through the mapping cannot SIGBUS when /dev/shm
@@ -195,17 +188,6 @@ class ShmKVTransport(TcpKVTransport):
             return False
         self._reserved_bytes = new_end
         return True
-
-    def _release(self, offset: int, num_bytes: int) -> None:
-        size = _align(max(num_bytes, 1), _ALIGN_BYTES)
-        free = sorted(self._free + [(offset, size)])
-        merged: list[tuple[int, int]] = []
-        for start, length in free:
-            if merged and merged[-1][0] + merged[-1][1] == start:
-                merged[-1] = (merged[-1][0], merged[-1][1] + length)
-            else:
-                merged.append((start, length))
-        self._free = merged
 
     # --- receiver side ----------------------------------------------------------------------------------
 
