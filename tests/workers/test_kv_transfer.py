@@ -198,8 +198,12 @@ def test_bad_locators_are_refused_by_name(sender, receiver):
     assert sender.fetched.get(timeout=5) == "target"
 
 
-def test_shm_ranges_are_not_reused_until_their_quarantine_ends():
+def test_shm_reuses_committed_ranges_at_once_and_withdrawn_ones_after_their_quarantine():
     sender, receiver = ShmKVTransport(arena_bytes=64 << 20), make_kv_transport("shm")
+
+    def offset(locator: str) -> str:
+        return locator.split("|")[1]
+
     try:
         endpoint = sender.start()
         first = sender.offer("first", make_payload("first"))
@@ -209,11 +213,17 @@ def test_shm_ranges_are_not_reused_until_their_quarantine_ends():
             assert time.monotonic() < deadline
             time.sleep(0.01)
         second = sender.offer("second", make_payload("second"))
-        assert second.split("|")[1] != first.split("|")[1], "a just released range was reused"
-        time.sleep(QUARANTINE_S + 0.1)
+        assert offset(second) == offset(first), "a committed range was not reused"
         third = sender.offer("third", make_payload("third"))
-        assert third.split("|")[1] == first.split("|")[1], "a range past its quarantine was not reused"
-        for name, locator in (("second", second), ("third", third)):
+        assert sender.withdraw("third")
+        fourth = sender.offer("fourth", make_payload("fourth"))
+        assert offset(fourth) != offset(third), "a withdrawn range was reused within its quarantine"
+        time.sleep(QUARANTINE_S + 0.1)
+        fifth = sender.offer("fifth", make_payload("fifth"))
+        assert offset(fifth) == offset(third), "a range past its quarantine was not reused"
+        with pytest.raises(KVTransferError, match="no longer staged"):
+            receiver.fetch(endpoint, "first", timeout_s=10, locator=first)  # its range holds "second" now
+        for name, locator in (("second", second), ("fourth", fourth), ("fifth", fifth)):
             assert_same_payload(receiver.fetch(endpoint, name, timeout_s=10, locator=locator), make_payload(name))
     finally:
         receiver.close()

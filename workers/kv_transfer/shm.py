@@ -9,8 +9,12 @@ end, slower than tcp), a copy into warm ones at ~18 GiB/s.
 One-sided reads: a staged range holds, ahead of the kv, its generation (a u64 that names this staging; 0 once it is
 released) and the header and token ids, so a receiver given the locator `offer` returns ("path|offset|generation")
 reads the whole payload from the arena without the sender, then commits it in the background. It checks the
-generation before and after its copy, and refuses a copy that took longer than half of QUARANTINE_S: a released
-range is not reused for QUARANTINE_S, so no copy that passes can have read a range being overwritten.
+generation before and after its copy, and refuses a copy that took longer than half of QUARANTINE_S. A withdrawn
+range (lease expired, request aborted: a reader may be copying it right now) is not reused for QUARANTINE_S, so no
+copy that passes can have read it being overwritten. A committed range is reused at once: its reader is done, and
+a second reader of the same payload (a retried hand-off) sees the generation change, since the sender zeroes it
+before it rewrites the range and x86 keeps both the sender's stores and the reader's loads in order. Hence
+one-sided reads only on x86-64; elsewhere `offer` returns no locator and every fetch asks the sender.
 
     range:  [generation u64][header_len u32][token_len u32][header JSON][token ids] ... [kv, 64-byte aligned]
 
@@ -30,6 +34,7 @@ import json
 import logging
 import mmap
 import os
+import platform
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -54,7 +59,8 @@ _RESERVE_STEP_BYTES = 64 << 20  # fallocate grows the reserved pages by at least
 _STALE_AGE_S = 10.0  # an unlocked arena younger than this may be one whose creator has not locked it yet
 _MAX_MAPPED_ARENAS = 16  # receiver side
 _PREAMBLE = np.dtype([("generation", "<u8"), ("header_len", "<u4"), ("token_len", "<u4")])
-QUARANTINE_S = 1.0  # a released range waits this long before reuse, so that one-sided readers never see it rewritten
+QUARANTINE_S = 1.0  # a withdrawn range waits this long before reuse, so that one-sided readers never see it rewritten
+ONE_SIDED_READS = platform.machine() in ("x86_64", "AMD64")  # see the module docstring
 
 
 class ShmKVTransport(TcpKVTransport):
@@ -137,7 +143,7 @@ class ShmKVTransport(TcpKVTransport):
         header["shm"] = {"path": path, "offset": offset + kv_start}
         header_bytes = json.dumps(header, separators=(",", ":")).encode()
         staged = Staged(header, token_bytes, num_bytes, kv=None, shm_range=(offset, kv_start + num_bytes),
-                        locator=f"{path}|{offset}|{generation}", generation=generation)
+                        locator=f"{path}|{offset}|{generation}" if ONE_SIDED_READS else None, generation=generation)
         try:
             meta = arena[offset:offset + kv_start]
             meta[_PREAMBLE.itemsize:_PREAMBLE.itemsize + len(header_bytes)] = np.frombuffer(header_bytes, np.uint8)
@@ -166,7 +172,10 @@ class ShmKVTransport(TcpKVTransport):
             if self._arena is not None:  # after close() the arena, and with it every range, is gone
                 offset, num_bytes = staged.shm_range
                 self._arena[offset:offset + 8].view(np.uint64)[0] = 0  # one-sided readers now refuse it
-                self._quarantine.append((time.monotonic() + QUARANTINE_S, offset, num_bytes))
+                if staged.committed:
+                    self._ranges.release(offset, num_bytes)
+                else:
+                    self._quarantine.append((time.monotonic() + QUARANTINE_S, offset, num_bytes))
 
     def _allocate(self, num_bytes: int) -> int | None:
         """First fit (low offsets first, to keep the reserved high-water mark low); None if it does not fit."""

@@ -54,6 +54,7 @@ class Staged:
     # One-sided reads: what offer() returns, and the generation a "commit" must name (a reused id is a new one).
     locator: str | None = None
     generation: int = 0
+    committed: bool = False  # a receiver acknowledged every byte (else: withdrawn, or dropped by close)
 
 
 class TcpKVTransport(KVTransport):
@@ -259,6 +260,7 @@ class TcpKVTransport(KVTransport):
             if committed:
                 del self._staged[transfer_id]
                 self._remember(transfer_id, "fetched")
+                staged.committed = True
         return committed
 
     def _finish_commit(self, transfer_id: str, staged: Staged) -> None:
