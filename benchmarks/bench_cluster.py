@@ -9,8 +9,8 @@ One run measures, on this machine:
                 offline engine runs with the prefill worker's thread count, so both compute the same prefill.
   KV transfer   bytes / seconds of every pull the decode workers made during the workload, against the
                 transport's raw bandwidth measured in the same run: as the worker saw each pull (from handing it
-                to a fetch thread until its event loop had the payload), and inside the transport's fetch calls
-                (the copy and its protocol, without those two waits).
+                to a fetch thread until that thread held every shard), and inside the transport's fetch calls
+                (the copy and its protocol, without the wait for the fetch thread).
 
     python benchmarks/bench_cluster.py --markdown                    # disaggregated and colocated
     python benchmarks/bench_cluster.py --modes disaggregated --torch-threads 2

@@ -746,18 +746,21 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
             timeout = min(timeout, remaining)
         start = time.perf_counter()
 
-        def fetch_all() -> list:
+        def fetch_all() -> tuple[list, float]:
             # In rank order: the prefill worker frees the blocks when the last shard is acknowledged. All on one
             # thread, so that the event loop (busy streaming tokens under load) takes part only once per pull.
-            return [self.w.transport.fetch(endpoint, shard_transfer_id(handle.transfer_id, rank, num_shards),
-                                           max(timeout - (time.perf_counter() - start), 0.0), locators[rank])
-                    for rank, endpoint in enumerate(handle.endpoints)]
+            payloads = [self.w.transport.fetch(endpoint, shard_transfer_id(handle.transfer_id, rank, num_shards),
+                                               max(timeout - (time.perf_counter() - start), 0.0), locators[rank])
+                        for rank, endpoint in enumerate(handle.endpoints)]
+            # The transfer ends when this process holds every byte; the event loop's wait to take the result is
+            # the decode's, as the engine's wait to import it is.
+            return payloads, time.perf_counter()
 
         try:
-            payloads = await asyncio.get_running_loop().run_in_executor(self.w._fetch_pool, fetch_all)
+            payloads, end = await asyncio.get_running_loop().run_in_executor(self.w._fetch_pool, fetch_all)
         except KVTransferError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"kv: {e}")
-        seconds = time.perf_counter() - start
+        seconds = end - start
         num_bytes = sum(p.num_bytes for p in payloads)
         self.w.kv_transfers += 1
         self.w.kv_transfer_bytes += num_bytes
