@@ -165,7 +165,7 @@ class WarmBuffers:
     def take(self, num_bytes: int) -> torch.Tensor:
         with self._lock:
             if self._pool is None and num_bytes <= self.capacity_bytes:
-                self._pool = np.frombuffer(_huge_page_mapping(self.capacity_bytes), dtype=np.uint8)
+                self._pool = np.frombuffer(host_mapping(self.capacity_bytes), dtype=np.uint8)
             offset = self._ranges.allocate(num_bytes) if num_bytes and self._pool is not None else None
         if offset is None:
             return empty_host_bytes(num_bytes)
@@ -186,7 +186,9 @@ class WarmBuffers:
             return self._ranges.used_bytes
 
 
-def _huge_page_mapping(num_bytes: int) -> mmap.mmap:
+def host_mapping(num_bytes: int) -> mmap.mmap:
+    """`num_bytes` of private anonymous memory, advised to huge pages where the kernel allows (see empty_host_bytes):
+    for buffers that live as long as their transport, whose pages stay warm once touched."""
     mapping = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         mapping.madvise(mmap.MADV_HUGEPAGE)

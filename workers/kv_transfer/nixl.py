@@ -2,9 +2,12 @@
 one-sided NIXL READ (UCX: shared memory or CMA on one host, TCP or RDMA across hosts); the tcp connection carries
 the header, the sender's NIXL metadata and the ack, as for shm (see wire.py).
 
-Sender: `offer` registers the payload's contiguous host tensor with the NIXL agent (no copy for a CPU tensor) and
-puts into the header the agent's partial metadata for that one region (its connection info and remote key, a few
-hundred bytes) and the region's address. `_unstage` deregisters it. Receiver: `fetch` loads that metadata, registers
+Sender: `offer` copies the payload into a range of the transport's arena, host memory registered with the NIXL agent
+once (`arena_bytes`, 1 GiB of address space by default; pages are touched as ranges are first used), and puts into
+the header the agent's partial metadata for the arena (its connection info and remote key, a few hundred bytes) and
+the range's address. A READ of warm, registered memory runs at the raw READ's rate; one of a payload registered
+for the occasion ran at half of it on the dev VM. A payload the arena cannot hold is registered where it lies
+instead (no copy), and deregistered by `_unstage`. Receiver: `fetch` loads that metadata, registers
 a fresh tensor, READs into it, polling against the fetch's deadline, then acknowledges as tcp does.
 
 With TLS (TLSConfig.internal) the header and the ack go over mutual TLS, and the metadata a READ needs travels only
@@ -26,10 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from workers.kv.handoff import KVPayload
-from workers.kv_transfer.base import KVTransferError
+from workers.kv_transfer.arena import RangeAllocator
+from workers.kv_transfer.base import KVTransferError, host_mapping
 from workers.kv_transfer.tcp import Staged, TcpKVTransport
 from workers.kv_transfer.wire import payload_header
 
@@ -65,16 +70,37 @@ def make_agent(prefix: str) -> Any:
 class NixlStaged(Staged):
     source: torch.Tensor | None = None  # [num_bytes] uint8, the registered host memory a receiver READs
     agent: Any = None  # the agent it is registered with (close() drops the transport's)
-    registration: Any = None  # the nixlRegDList to deregister
+    registration: Any = None  # the nixlRegDList to deregister (a payload registered where it lies)
+    arena_range: tuple[int, int] | None = None  # (offset, num_bytes) in the sender's arena
+
+
+class _Arena:
+    """The sender's staging memory: registered with the agent once, cut into ranges per payload."""
+
+    def __init__(self, agent: Any, num_bytes: int) -> None:
+        self.buffer = torch.frombuffer(host_mapping(num_bytes), dtype=torch.uint8)  # [num_bytes]
+        self.agent = agent
+        self.registration = agent.register_memory([self.buffer])
+        try:
+            self.metadata = base64.b64encode(agent.get_partial_agent_metadata(self.registration, True, ["UCX"])).decode()
+        except BaseException:
+            agent.deregister_memory(self.registration)
+            raise
+        self.ranges = RangeAllocator(num_bytes)
+
+    def close(self) -> None:
+        self.agent.deregister_memory(self.registration)
 
 
 class NixlKVTransport(TcpKVTransport):
     name = "nixl"
 
-    def __init__(self, tls: TLSConfig | None = None) -> None:
+    def __init__(self, tls: TLSConfig | None = None, arena_bytes: int = 1 << 30) -> None:
         nixl_api()  # fail at selection, not at the first transfer
         super().__init__(tls)
+        self.arena_bytes = arena_bytes
         self._agent: Any = None
+        self._arena: _Arena | None = None  # sender side, made on the first offer
         self._agent_lock = threading.Lock()
         self._uncancelled: list[torch.Tensor] = []  # receive buffers of READs UCX could not cancel: never freed
 
@@ -84,19 +110,33 @@ class NixlKVTransport(TcpKVTransport):
                 self._agent = make_agent("tandem-kv")
             return self._agent
 
+    def _sender_arena(self) -> _Arena:
+        agent = self.agent()
+        with self._agent_lock:
+            if self._arena is None:
+                self._arena = _Arena(agent, self.arena_bytes)
+            return self._arena
+
     def close(self) -> None:
         super().close()  # unstages, so deregisters, every payload
         # Freed here rather than at interpreter exit, where tearing down its threads aborts the process. A fetch
         # still running on another thread holds its own reference; a later one makes a new agent.
         with self._agent_lock:
-            self._agent = None
+            arena, self._arena, self._agent = self._arena, None, None
+        if arena is not None:
+            arena.close()
 
     # --- sender side ------------------------------------------------------------------------------------
 
     def _stage(self, transfer_id: str, payload: KVPayload) -> Staged:
         if payload.num_bytes == 0 or self._closed or self._listener is None:
             return super()._stage(transfer_id, payload)  # nothing to register; offer() reports a closed transport
+        staged = self._stage_in_arena(payload)
+        if staged is not None:
+            return staged
         agent = self.agent()
+        log.info("nixl arena full: transfer %r (%d MiB) is registered where it lies", transfer_id,
+                 payload.num_bytes >> 20)
         # No copy for a contiguous CPU tensor: the caller must leave it unmodified until it is fetched or withdrawn.
         source = payload.kv.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         registration = agent.register_memory([source])
@@ -111,7 +151,38 @@ class NixlKVTransport(TcpKVTransport):
         return NixlStaged(header, token_bytes, payload.num_bytes, kv=None, source=source, agent=agent,
                           registration=registration)
 
+    def _stage_in_arena(self, payload: KVPayload) -> NixlStaged | None:
+        """Copy the payload into a free range of the arena; None if none is large enough."""
+        arena = self._sender_arena()
+        with self._lock:
+            offset = arena.ranges.allocate(payload.num_bytes)
+        if offset is None:
+            return None
+        staged = NixlStaged({}, b"", payload.num_bytes, kv=None, agent=arena,
+                            arena_range=(offset, payload.num_bytes))
+        try:
+            dst = arena.buffer[offset:offset + payload.num_bytes]
+            src = payload.kv.detach().reshape(-1).view(torch.uint8)
+            if src.device.type == "cpu":
+                np.copyto(dst.numpy(), src.numpy())  # a plain memcpy, the GIL released
+            else:
+                dst.copy_(src)
+            region = {"agent": arena.agent.name, "metadata": arena.metadata, "addr": dst.data_ptr(),
+                      "len": payload.num_bytes}
+            staged.header, staged.token_bytes = payload_header(payload, nixl=region)
+        except BaseException:
+            self._unstage(staged)
+            raise
+        return staged
+
     def _unstage(self, staged: Staged) -> None:
+        if isinstance(staged, NixlStaged) and staged.arena_range is not None:
+            # A READ still in flight (withdrawn mid-transfer) may read a range reused meanwhile; its receiver is
+            # then told the transfer was withdrawn, and drops what it read.
+            with self._lock:
+                if staged.agent is self._arena:  # else close() dropped the arena, and every range with it
+                    staged.agent.ranges.release(*staged.arena_range)
+            staged.arena_range = staged.agent = None
         if isinstance(staged, NixlStaged) and staged.registration is not None:
             # A READ still in flight (withdrawn mid-transfer) fails on the receiver, which is then refused anyway.
             staged.agent.deregister_memory(staged.registration)
