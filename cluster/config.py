@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from tandem.tls import TLSConfig
 from workers.config import EngineConfig
 from workers.kv_transfer import KV_TRANSPORTS, cuda_ipc, nixl
+from workers.model.loader import load_model_config, resolve_model
+from workers.parallel import check_tp_size
 
 KV_OFFLOAD = ("auto", "on", "off")
 
@@ -95,7 +97,22 @@ class ClusterConfig:
                              "not engine options")
         # Checked here, before Ray starts, as each worker's engine will: a bad option is refused by name at once
         # instead of failing every worker start.
-        EngineConfig.from_kwargs(**self.engine_options)
+        engine = EngineConfig.from_kwargs(**self.engine_options)
+        if self.prefill_tensor_parallel_size > 1 or self.decode_tensor_parallel_size > 1:
+            self._check_tp_sizes(engine)
+
+    def _check_tp_sizes(self, engine: EngineConfig) -> None:
+        """Each pool's TP size against the model's heads, as its workers' engines will check it: refused here rather
+        than after Ray has placed (or waited forever to place) that many ranks. Skipped when the model is not
+        readable on this host (a Ray cluster whose nodes hold it): the workers check it there."""
+        try:
+            model = load_model_config(resolve_model(engine.model, engine.load_format))
+        except Exception:  # noqa: BLE001 - unreadable here, for whatever reason: the workers report it
+            return
+        names = ("decode_tensor_parallel_size",) if self.mode == "colocated" else (
+            "prefill_tensor_parallel_size", "decode_tensor_parallel_size")
+        for name in names:
+            check_tp_size(getattr(self, name), model.num_attention_heads, model.num_key_value_heads, name)
 
     @property
     def engine_options(self) -> dict:

@@ -119,8 +119,8 @@ class RouterConfig:
         self.tenancy.check_host(self.host)
         if self.max_local_prefill_length < 0:
             raise ValueError(f"max_local_prefill_length: must be >= 0, got {self.max_local_prefill_length}")
-        if self.kv_lease_ms < 0:
-            raise ValueError(f"kv_lease_ms: must be >= 0 (0: the worker's default), got {self.kv_lease_ms}")
+        if not 0 <= self.kv_lease_ms <= 3_600_000:
+            raise ValueError(f"kv_lease_ms: must be in [0, 3600000] (0: the worker's default), got {self.kv_lease_ms}")
         if self.kv_load_failure_policy not in KV_LOAD_FAILURE_POLICIES:
             raise ValueError(f"kv_load_failure_policy: must be one of {', '.join(KV_LOAD_FAILURE_POLICIES)}, "
                              f"got {self.kv_load_failure_policy!r}")

@@ -77,6 +77,17 @@ def init_tp_group(rank: int, size: int, init_method: str, device: torch.device,
     return TPGroup(rank=rank, size=size, group=dist.group.WORLD)
 
 
+def check_tp_size(size: int, num_attention_heads: int, num_key_value_heads: int, what: str = "tensor_parallel_size") -> None:
+    """ValueError naming `what` and the sizes allowed unless `size` divides both head counts (each rank holds an
+    equal share of the query and the KV heads)."""
+    if num_attention_heads % size or num_key_value_heads % size:
+        allowed = [n for n in range(1, num_key_value_heads + 1)
+                   if num_attention_heads % n == 0 and num_key_value_heads % n == 0]
+        raise ValueError(f"{what}: must divide the model's num_attention_heads={num_attention_heads} and "
+                         f"num_key_value_heads={num_key_value_heads} (allowed: {', '.join(map(str, allowed))}), "
+                         f"got {size}")
+
+
 def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
     """[start, end) of rank's equal shard of `total`; a clear error when it does not divide."""
     if total % size:

@@ -120,6 +120,7 @@ class EngineLoop:
         self._listeners: dict[str, Callable[[TokenEvent], None]] = {}
         self.leases: dict[str, _Lease] = {}  # by transfer id
         self._lease_by_req: dict[str, str] = {}
+        self.lease_s_of: dict[str, float] = {}  # a Prefill's own kv_lease_ms, until its lease is made (engine thread)
         # Set by the server: stage a prefilled request's KV (returns transfer id, bytes, locators), and drop a staged
         # transfer from the transport (a no-op once the decode side has fetched it).
         self.on_prefilled: Callable[[str], tuple[str, int, list[str]] | None] | None = None
@@ -199,9 +200,10 @@ class EngineLoop:
             # First token of a prefill-role request: stage its KV right away, on this thread, before any
             # later step could touch it.
             staged = self.on_prefilled(event.req_id)
+            lease_s = self.lease_s_of.pop(event.req_id, self.kv_lease_s)
             if staged is not None:
                 transfer_id, num_bytes, locators = staged
-                lease = _Lease(event.req_id, transfer_id, time.monotonic() + self.kv_lease_s, num_bytes, locators)
+                lease = _Lease(event.req_id, transfer_id, time.monotonic() + lease_s, num_bytes, locators)
                 self.leases[transfer_id] = lease
                 self._lease_by_req[event.req_id] = transfer_id
         listener = self._listeners.get(event.req_id)
@@ -209,6 +211,7 @@ class EngineLoop:
             listener(event)
         if event.finished:
             self._listeners.pop(event.req_id, None)
+            self.lease_s_of.pop(event.req_id, None)
 
     def release_lease(self, transfer_id: str) -> _Lease | None:
         """Engine thread: free the blocks held for a transfer (fetched, aborted or expired) and drop its
@@ -470,6 +473,7 @@ def _error_of(e: BaseException, context) -> tuple[str, str]:
 
 
 CANCELLED = grpc.StatusCode.CANCELLED.name
+MAX_KV_LEASE_MS = 3_600_000  # a Prefill's own lease: blocks held for a decode worker, never for longer than this
 
 
 class _CallSpans:
@@ -543,8 +547,9 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
     def _params(req: wpb.EngineRequest):
         return sampling_params_from_proto(req.sampling, with_stop_strings=False)
 
-    async def _add(self, context, req: wpb.EngineRequest, stream: _RequestStream) -> None:
-        """Queue a request that prefills here; bad input aborts the call with INVALID_ARGUMENT."""
+    async def _add(self, context, req: wpb.EngineRequest, stream: _RequestStream, lease_s: float | None = None) -> None:
+        """Queue a request that prefills here; bad input aborts the call with INVALID_ARGUMENT. `lease_s`: how long
+        its KV waits for a decode worker (None: the worker's kv_lease_s)."""
         req_id = req.request_id
         self.loop.listen(req_id, stream)
         try:
@@ -554,6 +559,8 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
             def add(e):
                 if pulled is not None:
                     self.w.kv_tier.insert(e, pulled)  # the same engine call: nothing can evict them in between
+                if lease_s is not None:
+                    self.loop.lease_s_of[req_id] = lease_s
                 return e.add_request(list(req.prompt_token_ids), params, req_id, req.priority,
                                      list(req.output_token_ids))
 
@@ -578,6 +585,7 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         self.loop.unlisten(req_id)
 
         def abort(engine):
+            self.loop.lease_s_of.pop(req_id, None)
             tid = self.loop.lease_of(req_id)
             if tid is not None:
                 self.loop.release_lease(tid)
@@ -591,7 +599,10 @@ class _Servicer(worker_pb2_grpc.WorkerServicer):
         await self._admit(context)
         req = request.request
         stream = _RequestStream(asyncio.get_running_loop())
-        await self._add(context, req, stream)
+        if request.kv_lease_ms > MAX_KV_LEASE_MS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv_lease_ms: must be <= {MAX_KV_LEASE_MS} (an "
+                                f"hour; 0: the worker's kv_lease_s), got {request.kv_lease_ms}")
+        await self._add(context, req, stream, request.kv_lease_ms / 1000 if request.kv_lease_ms else None)
         done = False
         event = prefilled_at = error = None
         try:

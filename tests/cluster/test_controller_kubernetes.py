@@ -45,9 +45,10 @@ def test_tensor_parallel_sizes_per_pool():
         return config.prefill_tensor_parallel_size, config.decode_tensor_parallel_size
 
     assert sizes() == (1, 1)
-    assert sizes("--tensor-parallel-size", "2") == (2, 2)
-    assert sizes("--tensor-parallel-size", "2", "--decode-tensor-parallel-size", "1") == (2, 1)
-    assert sizes("--prefill-tensor-parallel-size", "1", "--decode-tensor-parallel-size", "2") == (1, 2)
+    # The default model has 9 query and 3 KV heads: TP 3 divides both.
+    assert sizes("--tensor-parallel-size", "3") == (3, 3)
+    assert sizes("--tensor-parallel-size", "3", "--decode-tensor-parallel-size", "1") == (3, 1)
+    assert sizes("--prefill-tensor-parallel-size", "1", "--decode-tensor-parallel-size", "3") == (1, 3)
     with pytest.raises(ValueError, match="^prefill_tensor_parallel_size: must be >= 1"):
         sizes("--prefill-tensor-parallel-size", "0")
 

@@ -161,3 +161,19 @@ def test_prefix_cache_counts_each_prompt_once_on_the_worker_that_prefills_it(wor
         "not under KV pressure"
     assert value(d2, "tandem_prefix_cache_queries_total") - value(d1, "tandem_prefix_cache_queries_total") == 6 * 300
     assert value(d2, "tandem_prefix_cache_hits_total") == value(d1, "tandem_prefix_cache_hits_total")
+
+
+def test_a_prefills_own_kv_lease_ms_is_honoured(workers):
+    prefill, decode = workers
+    expired_before = prefill.stats().kv_leases_expired
+    first = stub(prefill).Prefill(wpb.PrefillRequest(request=engine_request("lease-1"), kv_lease_ms=200), timeout=60)
+    assert first.kv.num_bytes > 0
+    wait_until(lambda: prefill.stats().kv_leases_expired == expired_before + 1, timeout_s=5)  # not the 30 s default
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub(decode).Decode(wpb.DecodeRequest(request=engine_request("lease-1"), kv=first.kv), timeout=60))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and e.value.details().startswith("kv:")
+    with pytest.raises(grpc.RpcError) as e:
+        stub(prefill).Prefill(wpb.PrefillRequest(request=engine_request("lease-2"), kv_lease_ms=3_600_001), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == ("kv_lease_ms: must be <= 3600000 (an hour; 0: the worker's kv_lease_s), "
+                                 "got 3600001")
